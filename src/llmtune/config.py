@@ -1,0 +1,85 @@
+"""Where the configs live, the resolvers they use, and the checks that need no model or data."""
+
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from llmtune.errors import UserError
+
+# conf/ sits at the repository root (the package is installed editable, as the README does).
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+
+def register_resolvers() -> None:
+    from llmtune.data.loading import resource_path
+
+    if not OmegaConf.has_resolver("llmtune_resource"):
+        OmegaConf.register_new_resolver("llmtune_resource", resource_path)
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Collect every problem the config alone shows, and raise them together as one line."""
+    problems = []
+    if cfg.rag and cfg.retriever.name == "none":
+        problems.append("rag=true needs a retriever, but retriever=none is the only one available in this version; "
+                        "run with rag=false")
+    if cfg.method.loss_on not in ("answer", "all"):
+        problems.append(f"method.loss_on={cfg.method.loss_on!r} must be 'answer' or 'all'")
+    if not isinstance(getattr(torch, str(cfg.model.dtype), None), torch.dtype):
+        problems.append(f"model.dtype={cfg.model.dtype!r} is not a torch dtype; use bfloat16, float16 or float32")
+    if len(set(cfg.dataset.labels)) < 2:
+        problems.append("dataset.labels needs at least two distinct labels")
+    for key in ("trainer.batch_size", "eval.batch_size"):
+        if OmegaConf.select(cfg, key) < 1:
+            problems.append(f"{key} must be at least 1")
+    if problems:
+        raise UserError("; ".join(problems))
+
+
+def check_overrides(args: list[str]) -> None:
+    """Catch a misspelled group option or key on the command line before Hydra does, with a did-you-mean line.
+
+    Hydra's own messages for these span several lines and suggest `+key=value`, which is wrong for a typo.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides([a for a in args if "=" in a and not a.startswith("-")])
+    except Exception:
+        return  # a syntax error: Hydra reports it with the position of the problem
+    groups = {p.name: sorted(f.stem for f in p.glob("*.yaml")) for p in Path(CONFIG_DIR).iterdir() if p.is_dir()}
+    group_choices, keys = [], []
+    for override in parsed:
+        name = override.key_or_group
+        if override.is_add() or override.is_force_add() or override.is_delete() or name.startswith("hydra"):
+            continue
+        if name not in groups:
+            keys.append(name)
+            continue
+        options = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.value()]
+        for option in options:
+            if option not in groups[name]:
+                raise UserError(f"{name}={option} is not a known {name} config{_did_you_mean(option, groups[name])}; "
+                                f"choose one of {', '.join(groups[name])}")
+        group_choices.append(f"{name}={options[0]}")
+    if not keys:
+        return
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=group_choices)
+    missing = object()
+    for key in keys:
+        if OmegaConf.select(cfg, key, default=missing) is missing:
+            parent, _, leaf = key.rpartition(".")
+            node = OmegaConf.select(cfg, parent) if parent else cfg
+            siblings = [f"{parent}.{k}" if parent else k for k in node] if isinstance(node, DictConfig) else []
+            raise UserError(f"unknown config key '{key}'{_did_you_mean(key, siblings)}; "
+                            f"to add a new key on purpose use +{key}=...")
+
+
+def _did_you_mean(word: str, candidates: list[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""

@@ -1,0 +1,96 @@
+"""Everything a run leaves behind: metrics.json, predictions.jsonl, report.md, confusion plots, console table."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+HEADLINE = ["accuracy", "macro_f1", "macro_precision", "macro_recall"]
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write to a temporary name, then rename: a crash never leaves a half-written file under the real name."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text, encoding="utf-8")
+    os.replace(partial, path)
+
+
+def write_metrics(run_dir: Path, summary: dict) -> None:
+    write_atomic(run_dir / "metrics.json", json.dumps(summary, indent=2) + "\n")
+
+
+def write_predictions(run_dir: Path, tuned: list[dict], base: list[dict] | None) -> None:
+    """One line per test example: tuned prediction and label probabilities, plus the base model's when scored."""
+    lines = []
+    for index, row in enumerate(tuned):
+        record = dict(row)
+        if base is not None:
+            record["base_predicted"], record["base_scores"] = base[index]["predicted"], base[index]["scores"]
+        lines.append(json.dumps(record, ensure_ascii=False))
+    write_atomic(run_dir / "predictions.jsonl", "\n".join(lines) + "\n")
+
+
+def plot_confusion(run_dir: Path, results: dict) -> list[str]:
+    """One PNG with a confusion matrix per evaluated model (base, tuned), side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    names = [n for n in ("base", "tuned") if n in results]
+    figure, axes = plt.subplots(1, len(names), figsize=(4.6 * len(names), 4.2), squeeze=False)
+    for axis, name in zip(axes[0], names):
+        matrix = results[name]["confusion_matrix"]
+        ConfusionMatrixDisplay(np.array(matrix["matrix"]), display_labels=matrix["labels"]).plot(
+            ax=axis, colorbar=False, cmap="Blues")
+        axis.set_title(f"{name}: accuracy {results[name]['accuracy']:.3f}")
+    figure.tight_layout()
+    figure.savefig(run_dir / "confusion_matrix.png", dpi=110)
+    plt.close(figure)
+    return ["confusion_matrix.png"]
+
+
+def comparison_rows(results: dict) -> list[tuple[str, str, str]]:
+    """(metric, base, tuned) rows with 3 decimals; '-' where the base model was not scored."""
+    def cell(name, key):
+        return f"{results[name][key]:.3f}" if name in results else "-"
+    return [(key, cell("base", key), cell("tuned", key)) for key in HEADLINE]
+
+
+def write_report(run_dir: Path, summary: dict, figures: list[str]) -> None:
+    run, results, timing = summary["run"], summary["results"], summary["timing_s"]
+    lines = [f"# {run['model']} · {run['method']} · rag={run['rag']} · {run['dataset']}", "",
+             f"Train {run['n_train']} / val {run['n_val']} / test {run['n_test']} rows (seed {run['seed']}); "
+             f"LoRA r={run['lora']['r']} alpha={run['lora']['lora_alpha']} on {run['lora']['target_modules']}; "
+             f"{summary['train']['epochs']} epoch(s), {summary['train']['steps']} steps, "
+             f"{summary['train']['tokens_per_s']:.0f} train tokens/s.", "",
+             "| metric | base | tuned |", "|---|---|---|"]
+    lines += [f"| {m} | {b} | {t} |" for m, b, t in comparison_rows(results)]
+    tuned = results["tuned"]
+    lines += ["", "Per label (tuned):", "", "| label | precision | recall | f1 | support |", "|---|---|---|---|---|"]
+    lines += [f"| {label} | {v['precision']:.3f} | {v['recall']:.3f} | {v['f1']:.3f} | {v['support']} |"
+              for label, v in tuned["per_label"].items()]
+    matrix = tuned["confusion_matrix"]
+    lines += ["", "Confusion matrix (tuned; rows gold, columns predicted):", "",
+              "| gold \\ predicted | " + " | ".join(matrix["labels"]) + " |",
+              "|---|" + "---|" * len(matrix["labels"])]
+    lines += [f"| {label} | " + " | ".join(map(str, row)) + " |" for label, row in zip(matrix["labels"], matrix["matrix"])]
+    lines += ["", "Wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timing.items()), ""]
+    lines += [f"![{name}]({name})" for name in figures]
+    write_atomic(run_dir / "report.md", "\n".join(lines) + "\n")
+
+
+def print_summary(summary: dict, run_dir: Path) -> None:
+    table = Table(title=f"{summary['run']['model']} · {summary['run']['method']} · {summary['run']['dataset']} "
+                        f"(test n={summary['run']['n_test']})")
+    for column in ("metric", "base", "tuned"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    for row in comparison_rows(summary["results"]):
+        table.add_row(*row)
+    console = Console()
+    console.print(table)
+    console.print(f"run directory: {run_dir}  (total {summary['timing_s']['total']:.0f} s)")

@@ -1,0 +1,94 @@
+"""One run, top to bottom: data -> model -> base score -> fit -> tuned score -> outputs."""
+
+import time
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from llmtune.config import check_config
+from llmtune.data.loading import load_rows, split_per_class
+from llmtune.data.prompts import PromptFormat, encode_example, pad_batch
+from llmtune.evaluation.metrics import classification_metrics
+from llmtune.evaluation.scoring import classify
+from llmtune.models.loader import load_base_model, prepare_model_dir
+from llmtune.models.lora import add_lora, lora_settings
+from llmtune.report import outputs
+from llmtune.training.module import LoraFineTuner
+
+
+def run(cfg: DictConfig) -> float:
+    started = time.perf_counter()
+    check_config(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+    L.seed_everything(cfg.seed, verbose=False)  # data order, LoRA init and dropout all follow the seed
+    labels = list(cfg.dataset.labels)
+
+    # Data: rows -> stratified seeded split -> prompts (model's format) -> tokens (method decides the loss mask).
+    splits = split_per_class(load_rows(cfg.dataset), labels, cfg.dataset.split, cfg.seed)
+    prompt_format = PromptFormat.from_config(cfg.model, cfg.dataset)
+
+    # Model: local files (converted once from GGUF, or built) -> frozen base -> LoRA adapters.
+    tokenizer, base_model = load_base_model(prepare_model_dir(cfg.model, cfg.paths.cache_dir), cfg.model)
+    model = add_lora(base_model, cfg.model, cfg.method)
+    timing = {"prepare": time.perf_counter() - started}
+
+    def score(desc):
+        return classify(model, tokenizer, splits["test"], prompt_format, labels, cfg.eval.batch_size, desc)
+
+    results, base_predictions = {}, None
+    if cfg.eval.baseline:
+        tick = time.perf_counter()
+        with model.disable_adapter():
+            base_predictions = score("scoring base model")
+        results["base"] = _metrics(base_predictions, labels)
+        timing["eval_base"] = time.perf_counter() - tick
+
+    # Fit: one LightningModule for every method; checkpoints keep the adapter weights only.
+    encode = partial(encode_example, tokenizer, loss_on=cfg.method.loss_on)
+    def loader(rows, shuffle):
+        examples = [encode(prompt_format.prompt(r["text"]), prompt_format.answer(r["label"])) for r in rows]
+        return DataLoader(examples, batch_size=cfg.trainer.batch_size, shuffle=shuffle,
+                          collate_fn=partial(pad_batch, pad_id=tokenizer.pad_token_id)), examples
+    train_loader, train_examples = loader(splits["train"], shuffle=True)
+    val_loader = loader(splits["val"], shuffle=False)[0] if splits["val"] else None
+    module = LoraFineTuner(model, **OmegaConf.to_container(cfg.method.optimizer, resolve=True))
+    trainer_args = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if k != "batch_size"}
+    trainer = L.Trainer(**trainer_args, default_root_dir=run_dir, logger=instantiate(cfg.logger),
+                        callbacks=[ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last")])
+    tick = time.perf_counter()
+    trainer.fit(module, train_loader, val_loader)
+    timing["train"] = time.perf_counter() - tick
+
+    tick = time.perf_counter()
+    tuned_predictions = score("scoring tuned model")
+    results["tuned"] = _metrics(tuned_predictions, labels)
+    timing["eval_tuned"] = time.perf_counter() - tick
+
+    # Write: adapter (loads with PeftModel.from_pretrained), predictions, metrics, report, plot, console table.
+    model.save_pretrained(run_dir / "adapter")
+    timing["total"] = time.perf_counter() - started
+    summary = {
+        "run": {"model": cfg.model.name, "method": cfg.method.name, "dataset": cfg.dataset.name, "rag": cfg.rag,
+                "seed": cfg.seed, "n_train": len(splits["train"]), "n_val": len(splits["val"]),
+                "n_test": len(splits["test"]), "lora": lora_settings(cfg.model, cfg.method)},
+        "results": results,
+        "train": {"epochs": trainer.current_epoch, "steps": trainer.global_step, "tokens": module.tokens_seen,
+                  "tokens_per_s": module.tokens_seen / timing["train"]},
+        "timing_s": {k: round(v, 1) for k, v in timing.items()},
+    }
+    outputs.write_predictions(run_dir, tuned_predictions, base_predictions)
+    figures = outputs.plot_confusion(run_dir, results)
+    outputs.write_metrics(run_dir, summary)
+    outputs.write_report(run_dir, summary, figures)
+    outputs.print_summary(summary, run_dir)
+    return results["tuned"]["accuracy"]
+
+
+def _metrics(predictions: list[dict], labels: list[str]) -> dict:
+    return classification_metrics([p["predicted"] for p in predictions], [p["gold"] for p in predictions], labels)

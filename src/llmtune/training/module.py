@@ -1,0 +1,49 @@
+"""One LightningModule for every method: the methods differ in data (where labels sit), not in classes."""
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from transformers import get_cosine_schedule_with_warmup
+
+from llmtune.models.logits import labelled_logits
+
+
+def next_token_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy over the labelled tokens (answer tokens for instruct, every token for causal)."""
+    logits, targets, _ = labelled_logits(model, batch)
+    return F.cross_entropy(logits, targets)
+
+
+class LoraFineTuner(L.LightningModule):
+    def __init__(self, model, lr: float, weight_decay: float, warmup_ratio: float):
+        super().__init__()
+        self.model = model
+        self.lr, self.weight_decay, self.warmup_ratio = lr, weight_decay, warmup_ratio
+        # Checkpoints hold adapter weights only, so loading one must not demand the frozen base weights.
+        self.strict_loading = False
+        self.tokens_seen = 0  # non-padding tokens trained on, for tokens/s
+
+
+    def on_fit_start(self):
+        self.model.train()  # scoring the base model left it in eval mode; LoRA dropout must be active
+
+    def training_step(self, batch, batch_idx):
+        loss = next_token_loss(self.model, batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["input_ids"]))
+        self.tokens_seen += int(batch["attention_mask"].sum())
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        loss = next_token_loss(self.model, batch)
+        self.log("val/loss", loss, prog_bar=True, batch_size=len(batch["input_ids"]))
+
+    def configure_optimizers(self):
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=self.lr, weight_decay=self.weight_decay)
+        total = self.trainer.estimated_stepping_batches
+        scheduler = get_cosine_schedule_with_warmup(optimizer, round(self.warmup_ratio * total), total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint):
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}

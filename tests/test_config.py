@@ -1,0 +1,48 @@
+"""Every model x method x dataset composes from the real conf/ and resolves without a placeholder left."""
+
+import itertools
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import compose_config
+from llmtune.config import CONFIG_DIR, check_config
+from llmtune.errors import UserError
+
+GROUPS = {group: sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
+          for group in ("model", "method", "dataset")}
+
+
+@pytest.mark.parametrize("model,method,dataset", list(itertools.product(*GROUPS.values())))
+def test_every_combination_composes(model, method, dataset, tmp_path):
+    overrides = [f"model={model}", f"method={method}", f"dataset={dataset}", "dataset.path=some/file.csv"]
+    cfg = compose_config(overrides, output_dir=tmp_path)
+    resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    assert (resolved["model"]["name"], resolved["method"]["name"], resolved["dataset"]["name"]) == (model, method,
+                                                                                                   dataset)
+    assert resolved["method"]["loss_on"] in ("answer", "all")
+    assert "{instruction}" in resolved["model"]["prompt_template"] and "{input}" in resolved["model"]["prompt_template"]
+    assert "{answer}" in resolved["model"]["answer_template"]
+    check_config(cfg)
+
+
+def test_groups_are_not_empty():
+    assert {"gemma3_270m", "tiny"} <= set(GROUPS["model"])
+    assert {"instruct", "causal"} <= set(GROUPS["method"])
+    assert {"sentiment_demo", "financial_phrasebank"} <= set(GROUPS["dataset"])
+
+
+def test_default_dataset_is_the_shipped_demo(tmp_path):
+    cfg = compose_config([], output_dir=tmp_path)
+    assert cfg.model.name == "gemma3_270m" and cfg.dataset.name == "sentiment_demo" and cfg.rag is False
+    assert Path(cfg.dataset.path).is_file()
+
+
+def test_config_problems_are_collected_into_one_error(tmp_path):
+    cfg = compose_config(["rag=true", "model.dtype=float33", "eval.batch_size=0"], output_dir=tmp_path)
+    with pytest.raises(UserError) as error:
+        check_config(cfg)
+    message = str(error.value)
+    assert "rag=true" in message and "float33" in message and "eval.batch_size" in message
+    assert "\n" not in message
