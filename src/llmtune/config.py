@@ -61,25 +61,29 @@ def check_overrides(args: list[str]) -> None:
         options = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.value()]
         for option in options:
             if option not in groups[name]:
-                raise UserError(f"{name}={option} is not a known {name} config{_did_you_mean(option, groups[name])}; "
+                close = _did_you_mean(option, groups[name])
+                hint = f" (did you mean '{close}'?)" if close else ""
+                raise UserError(f"{name}={option} is not a known {name} config{hint}; "
                                 f"choose one of {', '.join(groups[name])}")
         group_choices.append(f"{name}={options[0]}")
     if not keys:
         return
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=group_choices)
-    missing = object()
     for key in keys:
-        if OmegaConf.select(cfg, key, default=missing) is missing:
-            parent, _, leaf = key.rpartition(".")
-            node = OmegaConf.select(cfg, parent) if parent else cfg
-            siblings = [f"{parent}.{k}" if parent else k for k in node] if isinstance(node, DictConfig) else []
-            raise UserError(f"unknown config key '{key}'{_did_you_mean(key, siblings)}; "
-                            f"to add a new key on purpose use +{key}=...")
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent, throw_on_missing=False) if parent else cfg
+        if node is None:  # e.g. model.build.x on a model whose build is null: a new subtree, let Hydra decide
+            continue
+        siblings = list(node.keys()) if isinstance(node, DictConfig) else []
+        if leaf not in siblings:  # keys(), unlike `in`, also lists keys whose value is still ??? (required)
+            close = _did_you_mean(leaf, siblings)
+            hint = f" (did you mean '{parent + '.' if parent else ''}{close}'?)" if close else ""
+            raise UserError(f"unknown config key '{key}'{hint}; to add a new key on purpose use +{key}=...")
 
 
-def _did_you_mean(word: str, candidates: list[str]) -> str:
+def _did_you_mean(word: str, candidates: list[str]) -> str | None:
     import difflib
 
     close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+    return close[0] if close else None
