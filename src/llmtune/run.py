@@ -36,6 +36,7 @@ def run(cfg: DictConfig) -> float:
     # Model: local files (converted once from GGUF, or built) -> frozen base -> LoRA adapters.
     tokenizer, base_model = load_base_model(prepare_model_dir(cfg.model, cfg.paths.cache_dir), cfg.model)
     model = add_lora(base_model, cfg.model, cfg.method)
+    model.print_trainable_parameters()
     timing = {"prepare": time.perf_counter() - started}
 
     def score(desc):

@@ -98,9 +98,13 @@ def _hub_reachable(timeout_s: float = 3.0) -> bool:
 def load_base_model(model_dir: str, model_cfg: DictConfig):
     """Tokenizer and base model in the configured dtype; safetensors only, remote code only when configured."""
     common = dict(trust_remote_code=bool(model_cfg.trust_remote_code))
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, **common)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, **common)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, model_cfg.dtype),
+                                                     use_safetensors=True, **common)
+    except (OSError, ValueError) as error:  # missing files, .bin-only weights, remote code not allowed, ...
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"could not load model '{model_cfg.name}' from {model_dir}: {first_line[:300]}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, model_cfg.dtype),
-                                                 use_safetensors=True, **common)
     return tokenizer, model
