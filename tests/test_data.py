@@ -101,3 +101,20 @@ def test_loss_mask_of_each_method(tiny_model_dir):
     width = len(instruct["input_ids"])
     assert batch["attention_mask"][1].tolist() == [1, 1] + [0] * (width - 2)
     assert batch["labels"][1, 2:].eq(IGNORE_INDEX).all()
+
+
+def test_length_pools_cover_every_row_once_with_less_padding_and_a_seeded_order():
+    from llmtune.data.batching import LengthPoolBatchSampler
+
+    lengths = [(i * 37) % 61 + 5 for i in range(203)]
+    sampler = LengthPoolBatchSampler(lengths, batch_size=8, pool_batches=4, seed=3)
+    epoch_one, epoch_two = list(sampler), list(sampler)
+    assert len(epoch_one) == len(sampler) == 6 * 4 + 2        # 6 pools of 32 rows in 4 batches, then 11 rows in 2
+    assert sorted(i for batch in epoch_one for i in batch) == list(range(203))
+    assert epoch_one != epoch_two                              # reshuffled every epoch ...
+    assert list(LengthPoolBatchSampler(lengths, 8, 4, seed=3)) == epoch_one   # ... reproducibly from the seed
+
+    def padded(batches):  # tokens computed when every batch pads to its longest row
+        return sum(max(lengths[i] for i in b) * len(b) for b in batches)
+    plain = list(LengthPoolBatchSampler(lengths, 8, pool_batches=1, seed=3))
+    assert padded(epoch_one) < 0.8 * padded(plain)

@@ -1,7 +1,6 @@
 """Where model files come from: a local folder, the tiny builder (cached), or a Hub id that must be available."""
 
 import pytest
-from omegaconf import open_dict
 
 from conftest import compose_config
 from llmtune.errors import UserError

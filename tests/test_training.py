@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader
 
 from conftest import compose_config
 from llmtune.data.prompts import PromptFormat, encode_example, pad_batch
-from llmtune.evaluation.scoring import classify, label_log_likelihoods
+from llmtune.evaluation.scoring import classify, label_log_likelihoods, shared_prefix_length
 from llmtune.models.loader import load_base_model
 from llmtune.models.logits import labelled_logits
 from llmtune.models.lora import add_lora
@@ -92,12 +92,14 @@ def test_labelled_logits_match_the_full_forward(tiny_model_dir):
         torch.testing.assert_close(logits[i], full[b, t].float(), atol=1e-5, rtol=1e-5)
 
 
-def test_label_scoring_single_and_multi_token_paths_agree_with_a_manual_sum(tiny_model_dir):
+@pytest.mark.parametrize("reuse_prefix", [True, False])
+def test_label_scoring_single_and_multi_token_paths_agree_with_a_manual_sum(tiny_model_dir, reuse_prefix):
     _, tokenizer, model = tiny_peft(tiny_model_dir)
     prompts = [FORMAT.prompt(r["text"]) for r in ROWS[:4]]
+    assert shared_prefix_length([tokenizer(p).input_ids for p in prompts]) > 3   # the instruction is shared
     multi = [" positive outlook", " negative"]   # at least one multi-token answer takes the per-label path
     assert len(tokenizer(multi[0], add_special_tokens=False).input_ids) > 1
-    scores = label_log_likelihoods(model, tokenizer, prompts, multi, batch_size=3)
+    scores = label_log_likelihoods(model, tokenizer, prompts, multi, batch_size=3, reuse_prefix=reuse_prefix)
     with torch.no_grad():
         for i, prompt in enumerate(prompts):
             for j, answer in enumerate(multi):
@@ -107,8 +109,9 @@ def test_label_scoring_single_and_multi_token_paths_agree_with_a_manual_sum(tiny
                 manual = sum(logp[len(prompt_ids) - 1 + k, tok] for k, tok in enumerate(answer_ids))
                 assert scores[i, j] == pytest.approx(float(manual), abs=1e-4)
     # Single-token answers use one forward per prompt; it must agree with the per-label path.
-    single = [a for a in (" positive", " negative", " neutral") if len(tokenizer(a, add_special_tokens=False).input_ids) == 1]
-    if len(single) >= 2:
-        fast = label_log_likelihoods(model, tokenizer, prompts, single, batch_size=3)
-        slow = label_log_likelihoods(model, tokenizer, prompts, single + [" positive outlook"], batch_size=3)[:, :-1]
-        torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)
+    single = [a for a in (" the", " of", " in", " to", " and") if len(tokenizer(a, add_special_tokens=False).input_ids) == 1]
+    assert len(single) >= 2
+    fast = label_log_likelihoods(model, tokenizer, prompts, single, batch_size=3, reuse_prefix=reuse_prefix)
+    slow = label_log_likelihoods(model, tokenizer, prompts, single + [" positive outlook"], batch_size=3,
+                                 reuse_prefix=reuse_prefix)[:, :-1]
+    torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)

@@ -1,25 +1,23 @@
 """One run, top to bottom: data -> model -> base score -> fit -> tuned score -> outputs."""
 
 import time
-from functools import partial
 from pathlib import Path
 
 import lightning as L
-import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
 
 from llmtune.config import check_config
 from llmtune.data.loading import load_rows, split_per_class
-from llmtune.data.prompts import PromptFormat, encode_example, pad_batch
+from llmtune.data.prompts import PromptFormat
 from llmtune.evaluation.metrics import classification_metrics
 from llmtune.evaluation.scoring import classify
 from llmtune.models.loader import load_base_model, prepare_model_dir
 from llmtune.models.lora import add_lora, lora_settings
 from llmtune.report import outputs
 from llmtune.training.module import LoraFineTuner
+from llmtune.training.setup import encode_rows, make_loaders, make_trainer
 
 
 def run(cfg: DictConfig) -> float:
@@ -51,17 +49,13 @@ def run(cfg: DictConfig) -> float:
         timing["eval_base"] = time.perf_counter() - tick
 
     # Fit: one LightningModule for every method; checkpoints keep the adapter weights only.
-    encode = partial(encode_example, tokenizer, loss_on=cfg.method.loss_on)
-    def loader(rows, shuffle):
-        examples = [encode(prompt_format.prompt(r["text"]), prompt_format.answer(r["label"])) for r in rows]
-        return DataLoader(examples, batch_size=cfg.trainer.batch_size, shuffle=shuffle,
-                          collate_fn=partial(pad_batch, pad_id=tokenizer.pad_token_id)), examples
-    train_loader, train_examples = loader(splits["train"], shuffle=True)
-    val_loader = loader(splits["val"], shuffle=False)[0] if splits["val"] else None
+    train_loader, val_loader = make_loaders(
+        encode_rows(splits["train"], tokenizer, prompt_format, cfg.method.loss_on),
+        encode_rows(splits["val"], tokenizer, prompt_format, cfg.method.loss_on),
+        cfg.trainer, tokenizer.pad_token_id, cfg.seed)
     module = LoraFineTuner(model, **OmegaConf.to_container(cfg.method.optimizer, resolve=True))
-    trainer_args = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if k != "batch_size"}
-    trainer = L.Trainer(**trainer_args, default_root_dir=run_dir, logger=instantiate(cfg.logger),
-                        callbacks=[ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last")])
+    trainer = make_trainer(cfg.trainer, run_dir, instantiate(cfg.logger),
+                           [ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last")])
     tick = time.perf_counter()
     trainer.fit(module, train_loader, val_loader)
     timing["train"] = time.perf_counter() - tick

@@ -1,48 +1,77 @@
 """Label-set scoring: each allowed label's log-likelihood after the prompt; the best one is the prediction.
 
 There is never an unparseable answer, and the softmax over the labels' log-likelihoods is a confidence.
+Every prompt starts with the same instruction, so its keys and values are computed once and reused: for the default
+sentiment prompt that is ~45 of ~80 tokens, about half the work.
 """
+
+import copy
 
 import torch
 from tqdm.auto import tqdm
 
-from llmtune.data.prompts import PromptFormat, encode_example, pad_batch
+from llmtune.data.prompts import IGNORE_INDEX, PromptFormat, pad_batch
 from llmtune.models.logits import labelled_logits
+
+
+def shared_prefix_length(sequences: list[list[int]]) -> int:
+    """Tokens every sequence starts with, leaving at least one token of each sequence after the prefix."""
+    limit = min(len(s) for s in sequences) - 1
+    first = sequences[0]
+    length = 0
+    while length < limit and all(s[length] == first[length] for s in sequences):
+        length += 1
+    return length
+
+
+class PrefixCache:
+    """Keys/values of a shared token prefix, copied and broadcast to each batch that continues it."""
+
+    def __init__(self, model, prefix_ids: list[int]):
+        self.length = len(prefix_ids)
+        self.cache = None
+        if self.length:
+            self.cache = model(input_ids=torch.tensor([prefix_ids]), use_cache=True).past_key_values
+
+    def forward(self, model, batch: dict[str, torch.Tensor]):
+        """labelled_logits for sequences that each begin with the prefix (batch holds the rest of each sequence)."""
+        if self.cache is None:
+            return labelled_logits(model, batch)
+        cache = copy.deepcopy(self.cache)
+        cache.batch_repeat_interleave(len(batch["input_ids"]))
+        prefix_mask = torch.ones((len(batch["input_ids"]), self.length), dtype=batch["attention_mask"].dtype)
+        return labelled_logits(model, {**batch, "attention_mask": torch.cat([prefix_mask, batch["attention_mask"]], 1)},
+                               past_key_values=cache)
 
 
 @torch.no_grad()
 def label_log_likelihoods(model, tokenizer, prompts: list[str], answers: list[str], batch_size: int,
-                          desc: str = "scoring") -> torch.Tensor:
+                          desc: str = "scoring", reuse_prefix: bool = True) -> torch.Tensor:
     """[len(prompts), len(answers)] summed log-probabilities of each answer's tokens after each prompt."""
     model.eval()
+    prompt_ids = [tokenizer(p).input_ids for p in prompts]
     answer_ids = [tokenizer(a, add_special_tokens=False).input_ids for a in answers]
+    prefix_length = shared_prefix_length(prompt_ids) if reuse_prefix else 0
+    prefix = PrefixCache(model, prompt_ids[0][:prefix_length])
+    rests = [ids[prefix_length:] for ids in prompt_ids]
+    # Batches of similar length waste little on padding; scores go back to the original order at the end.
+    order = sorted(range(len(prompts)), key=lambda i: len(rests[i]))
+    scores = torch.empty(len(prompts), len(answers))
+    # Single-token labels: every label is read off the first label's position, one forward per prompt.
     single_token = all(len(ids) == 1 for ids in answer_ids)
-    scores = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", leave=False):
-        chunk = prompts[start:start + batch_size]
-        if single_token:  # one forward per prompt: all labels read off the same next-token distribution
-            scores.append(_next_token_scores(model, tokenizer, chunk, [ids[0] for ids in answer_ids]))
-        else:             # one forward per (prompt, label): sum over the label's tokens
-            scores.append(torch.stack([_sequence_scores(model, tokenizer, chunk, a) for a in answers], dim=1))
-    return torch.cat(scores)
-
-
-def _next_token_scores(model, tokenizer, prompts, label_token_ids):
-    encoded = [tokenizer(p).input_ids for p in prompts]
-    batch = pad_batch([{"input_ids": ids, "labels": ids} for ids in encoded], tokenizer.pad_token_id)
-    last = batch["attention_mask"].sum(dim=1) - 1                       # right padding: last real token
-    keep = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)
-    keep[torch.arange(len(prompts)), last] = True
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
-    return torch.log_softmax(logits.float(), dim=-1)[:, label_token_ids]
-
-
-def _sequence_scores(model, tokenizer, prompts, answer):
-    batch = pad_batch([encode_example(tokenizer, p, answer, loss_on="answer") for p in prompts],
-                      tokenizer.pad_token_id)
-    logits, targets, rows = labelled_logits(model, batch)
-    token_logp = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]
-    return torch.zeros(len(prompts)).index_add_(0, rows, token_logp)
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
+        rows = order[start:start + batch_size]
+        for j, ids in enumerate(answer_ids[:1] if single_token else answer_ids):
+            batch = pad_batch([{"input_ids": rests[i] + ids, "labels": [IGNORE_INDEX] * len(rests[i]) + ids}
+                               for i in rows], tokenizer.pad_token_id)
+            logits, targets, row_of = prefix.forward(model, batch)
+            log_probs = torch.log_softmax(logits, dim=-1)
+            if single_token:
+                scores[rows] = log_probs[:, [label_ids[0] for label_ids in answer_ids]]
+            else:
+                token_log_probs = log_probs.gather(1, targets[:, None])[:, 0]
+                scores[rows, j] = torch.zeros(len(rows)).index_add_(0, row_of, token_log_probs)
+    return scores
 
 
 def classify(model, tokenizer, rows: list[dict], prompt_format: PromptFormat, labels: list[str], batch_size: int,

@@ -6,19 +6,20 @@ import torch.nn.functional as F
 from llmtune.data.prompts import IGNORE_INDEX
 
 
-def labelled_logits(model, batch: dict[str, torch.Tensor]):
+def labelled_logits(model, batch: dict[str, torch.Tensor], **forward_kwargs):
     """(logits [N, V], targets [N], row of each [N]) for the N positions whose next token carries a label.
 
     Position t predicts token t+1. For a classification prompt of ~45 tokens with a one-token answer, Gemma's
     262,144 x 640 lm_head at every position would cost 45 x 168M MACs per example, about 4x the whole backbone;
     at the answer position only it costs 1/45 of that. transformers flattens a boolean logits_to_keep mask in
-    (batch, position) order, the same order as boolean indexing of the labels below.
+    (batch, position) order, the same order as boolean indexing of the labels below. forward_kwargs carry e.g. the
+    past_key_values of a shared prompt prefix.
     """
     labels = batch["labels"]
     predicts_label = labels[:, 1:] != IGNORE_INDEX                       # [B, L-1]
     keep = F.pad(predicts_label, (0, 1), value=False)                    # [B, L]
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   logits_to_keep=keep).logits                          # [N, V]
+                   logits_to_keep=keep, **forward_kwargs).logits        # [N, V]
     targets = labels[:, 1:][predicts_label]                              # [N]
     rows = torch.arange(len(labels), device=labels.device)[:, None].expand_as(predicts_label)[predicts_label]
     return logits.float(), targets, rows
