@@ -7,12 +7,13 @@ from peft import PeftModel
 from torch.utils.data import DataLoader
 
 from conftest import compose_config
-from llmtune.data.prompts import PromptFormat, encode_example, pad_batch
-from llmtune.evaluation.scoring import classify, label_log_likelihoods, shared_prefix_length
+from llmtune.data.prompts import PromptFormat, batch_tokens, encode_example, pad_batch, split_shared_prefix
+from llmtune.data.prompts import shared_prefix_length
+from llmtune.evaluation.scoring import classify, label_log_likelihoods
 from llmtune.models.loader import load_base_model
 from llmtune.models.logits import labelled_logits
 from llmtune.models.lora import add_lora
-from llmtune.training.module import LoraFineTuner
+from llmtune.training.module import LoraFineTuner, next_token_loss
 
 FORMAT = PromptFormat("Classify the sentiment.", "{instruction}\n[{input}] =", " {answer}")
 LABELS = ["positive", "negative", "neutral"]
@@ -115,3 +116,30 @@ def test_label_scoring_single_and_multi_token_paths_agree_with_a_manual_sum(tiny
     slow = label_log_likelihoods(model, tokenizer, prompts, single + [" positive outlook"], batch_size=3,
                                  reuse_prefix=reuse_prefix)[:, :-1]
     torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["instruct", "causal"])
+def test_shared_prefix_gives_the_same_loss_and_gradients(tiny_model_dir, method):
+    cfg, tokenizer, model = tiny_peft(tiny_model_dir, method)
+    model.train()
+    examples = [encode_example(tokenizer, FORMAT.prompt(r["text"]), FORMAT.answer(r["label"]), cfg.method.loss_on)
+                for r in ROWS[:5]]
+    prefix, rest = split_shared_prefix(examples)
+    if method == "causal":   # labels start right after BOS: nothing can be shared
+        assert prefix == [] and rest == examples
+        return
+    assert len(prefix) > 3 and all(e["input_ids"][:len(prefix)] == prefix for e in examples)
+    assert batch_tokens(pad_batch(rest, tokenizer.pad_token_id, prefix)) == sum(len(e["input_ids"]) for e in examples)
+
+    def loss_and_grads(batch):
+        model.zero_grad()
+        loss = next_token_loss(model, batch)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    plain_loss, plain_grads = loss_and_grads(pad_batch(examples, tokenizer.pad_token_id))
+    shared_loss, shared_grads = loss_and_grads(pad_batch(rest, tokenizer.pad_token_id, prefix))
+    torch.testing.assert_close(shared_loss, plain_loss, atol=1e-5, rtol=1e-5)
+    assert any(g.abs().sum() > 0 for g in plain_grads.values())
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(shared_grads[name], grad, atol=1e-5, rtol=1e-4)

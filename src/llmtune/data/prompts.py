@@ -42,8 +42,34 @@ def encode_example(tokenizer, prompt: str, answer: str, loss_on: str) -> dict[st
     return {"input_ids": input_ids, "labels": labels}
 
 
-def pad_batch(examples: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest sequence; padding is masked out of attention and loss."""
+def shared_prefix_length(sequences: list[list[int]]) -> int:
+    """Tokens every sequence starts with, leaving at least one token of each sequence after the prefix."""
+    limit = min(len(s) for s in sequences) - 1
+    first = sequences[0]
+    length = 0
+    while length < limit and all(s[length] == first[length] for s in sequences):
+        length += 1
+    return length
+
+
+def split_shared_prefix(examples: list[dict[str, list[int]]]) -> tuple[list[int], list[dict[str, list[int]]]]:
+    """The instruction every example starts with, and each example's remainder.
+
+    The prefix stops before the position that predicts the first label, so the prefix itself carries no loss and is
+    the same computation for every row: a batch computes it once (~45 of ~80 tokens for the sentiment prompt).
+    With the loss on every token (causal) the prefix would carry labels, so nothing is split off.
+    """
+    first_label = [next((t for t, label in enumerate(e["labels"]) if label != IGNORE_INDEX), 0) for e in examples]
+    length = min(shared_prefix_length([e["input_ids"] for e in examples]), min(first_label) - 1)
+    if length <= 0:
+        return [], examples
+    return examples[0]["input_ids"][:length], [{k: v[length:] for k, v in e.items()} for e in examples]
+
+
+def pad_batch(examples: list[dict[str, list[int]]], pad_id: int, prefix_ids: list[int] | None = None
+              ) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest sequence; padding is masked out of attention and loss. A shared prefix travels along
+    as `prefix_ids` (see split_shared_prefix)."""
     width = max(len(e["input_ids"]) for e in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
@@ -53,4 +79,13 @@ def pad_batch(examples: list[dict[str, list[int]]], pad_id: int) -> dict[str, to
         input_ids[row, :n] = torch.tensor(example["input_ids"])
         labels[row, :n] = torch.tensor(example["labels"])
         attention_mask[row, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    if prefix_ids:
+        batch["prefix_ids"] = torch.tensor(prefix_ids)
+    return batch
+
+
+def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Non-padding tokens the batch stands for, its shared prefix counted once per row."""
+    prefix = len(batch["prefix_ids"]) if "prefix_ids" in batch else 0
+    return int(batch["attention_mask"].sum()) + prefix * len(batch["input_ids"])

@@ -10,38 +10,8 @@ import copy
 import torch
 from tqdm.auto import tqdm
 
-from llmtune.data.prompts import IGNORE_INDEX, PromptFormat, pad_batch
-from llmtune.models.logits import labelled_logits
-
-
-def shared_prefix_length(sequences: list[list[int]]) -> int:
-    """Tokens every sequence starts with, leaving at least one token of each sequence after the prefix."""
-    limit = min(len(s) for s in sequences) - 1
-    first = sequences[0]
-    length = 0
-    while length < limit and all(s[length] == first[length] for s in sequences):
-        length += 1
-    return length
-
-
-class PrefixCache:
-    """Keys/values of a shared token prefix, copied and broadcast to each batch that continues it."""
-
-    def __init__(self, model, prefix_ids: list[int]):
-        self.length = len(prefix_ids)
-        self.cache = None
-        if self.length:
-            self.cache = model(input_ids=torch.tensor([prefix_ids]), use_cache=True).past_key_values
-
-    def forward(self, model, batch: dict[str, torch.Tensor]):
-        """labelled_logits for sequences that each begin with the prefix (batch holds the rest of each sequence)."""
-        if self.cache is None:
-            return labelled_logits(model, batch)
-        cache = copy.deepcopy(self.cache)
-        cache.batch_repeat_interleave(len(batch["input_ids"]))
-        prefix_mask = torch.ones((len(batch["input_ids"]), self.length), dtype=batch["attention_mask"].dtype)
-        return labelled_logits(model, {**batch, "attention_mask": torch.cat([prefix_mask, batch["attention_mask"]], 1)},
-                               past_key_values=cache)
+from llmtune.data.prompts import IGNORE_INDEX, PromptFormat, pad_batch, shared_prefix_length
+from llmtune.models.logits import labelled_logits, prefix_cache
 
 
 @torch.no_grad()
@@ -52,7 +22,7 @@ def label_log_likelihoods(model, tokenizer, prompts: list[str], answers: list[st
     prompt_ids = [tokenizer(p).input_ids for p in prompts]
     answer_ids = [tokenizer(a, add_special_tokens=False).input_ids for a in answers]
     prefix_length = shared_prefix_length(prompt_ids) if reuse_prefix else 0
-    prefix = PrefixCache(model, prompt_ids[0][:prefix_length])
+    cache = prefix_cache(model, torch.tensor(prompt_ids[0][:prefix_length])) if prefix_length else None
     rests = [ids[prefix_length:] for ids in prompt_ids]
     # Batches of similar length waste little on padding; scores go back to the original order at the end.
     order = sorted(range(len(prompts)), key=lambda i: len(rests[i]))
@@ -64,7 +34,7 @@ def label_log_likelihoods(model, tokenizer, prompts: list[str], answers: list[st
         for j, ids in enumerate(answer_ids[:1] if single_token else answer_ids):
             batch = pad_batch([{"input_ids": rests[i] + ids, "labels": [IGNORE_INDEX] * len(rests[i]) + ids}
                                for i in rows], tokenizer.pad_token_id)
-            logits, targets, row_of = prefix.forward(model, batch)
+            logits, targets, row_of = labelled_logits(model, batch, copy.deepcopy(cache))
             log_probs = torch.log_softmax(logits, dim=-1)
             if single_token:
                 scores[rows] = log_probs[:, [label_ids[0] for label_ids in answer_ids]]

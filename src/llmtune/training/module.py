@@ -5,12 +5,14 @@ import torch
 import torch.nn.functional as F
 from transformers import get_cosine_schedule_with_warmup
 
-from llmtune.models.logits import labelled_logits
+from llmtune.data.prompts import batch_tokens
+from llmtune.models.logits import labelled_logits, prefix_cache
 
 
 def next_token_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean cross-entropy over the labelled tokens (answer tokens for instruct, every token for causal)."""
-    logits, targets, _ = labelled_logits(model, batch)
+    cache = prefix_cache(model, batch["prefix_ids"]) if "prefix_ids" in batch else None
+    logits, targets, _ = labelled_logits(model, batch, cache)
     return F.cross_entropy(logits, targets)
 
 
@@ -30,7 +32,7 @@ class LoraFineTuner(L.LightningModule):
     def training_step(self, batch, batch_idx):
         loss = next_token_loss(self.model, batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["input_ids"]))
-        self.tokens_seen += int(batch["attention_mask"].sum())
+        self.tokens_seen += batch_tokens(batch)
         return loss
 
     def validation_step(self, batch, batch_idx):

@@ -8,9 +8,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from llmtune.data.batching import LengthPoolBatchSampler
-from llmtune.data.prompts import PromptFormat, encode_example, pad_batch
+from llmtune.data.prompts import PromptFormat, encode_example, pad_batch, split_shared_prefix
 
-LOADER_KEYS = ("batch_size", "length_pool_batches")  # trainer/ keys for the loaders; the rest go to L.Trainer
+LOADER_KEYS = ("batch_size", "length_pool_batches", "share_prefix")  # trainer/ keys for the loaders; the rest go to L.Trainer
 
 
 def encode_rows(rows: list[dict], tokenizer, prompt_format: PromptFormat, loss_on: str) -> list[dict]:
@@ -19,12 +19,15 @@ def encode_rows(rows: list[dict], tokenizer, prompt_format: PromptFormat, loss_o
 
 
 def make_loaders(train: list[dict], val: list[dict], trainer_cfg: DictConfig, pad_id: int, seed: int):
-    collate = partial(pad_batch, pad_id=pad_id)
+    """Length-pooled, seeded training batches; the instruction shared by all rows is split off and computed once per
+    batch when trainer.share_prefix is on (loss and gradients are the same, up to float rounding)."""
+    def loader(examples, **options):
+        prefix, rest = split_shared_prefix(examples) if trainer_cfg.share_prefix else ([], examples)
+        return DataLoader(rest, collate_fn=partial(pad_batch, pad_id=pad_id, prefix_ids=prefix), **options)
+
     batches = LengthPoolBatchSampler([len(e["input_ids"]) for e in train], trainer_cfg.batch_size,
                                      trainer_cfg.length_pool_batches, seed)
-    train_loader = DataLoader(train, batch_sampler=batches, collate_fn=collate)
-    val_loader = DataLoader(val, batch_size=trainer_cfg.batch_size, collate_fn=collate) if val else None
-    return train_loader, val_loader
+    return loader(train, batch_sampler=batches), loader(val, batch_size=trainer_cfg.batch_size) if val else None
 
 
 def make_trainer(trainer_cfg: DictConfig, run_dir: Path, logger, callbacks: list, **overrides) -> L.Trainer:
