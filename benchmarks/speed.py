@@ -1,0 +1,250 @@
+"""Side by side, in one invocation: training tokens/s of TRL vs llmtune, and classification sentences/s of
+generate-and-parse vs llmtune's label scoring, against the machine's measured bf16 matmul throughput.
+
+    python benchmarks/speed.py                       # Financial PhraseBank from ../shared/data, Gemma 3 270M
+    python benchmarks/speed.py --data FILE.csv --steps 12 --sentences 300
+
+Every arm runs in its own fresh process (os.wait4 gives that process's own peak RSS); the parent prints a table and
+writes benchmarks/results/speed.{json,md}. The llmtune arms call the product's own code (encode_rows, make_loaders,
+LoraFineTuner, make_trainer, label_log_likelihoods), not a loop written for the benchmark.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "financial_phrasebank" / "data.csv"
+LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"}
+WARMUP_STEPS = 2  # first steps pay one-off costs (allocator growth, lazy init); the TRL arms skip the same number
+
+
+# ---------------------------------------------------------------------------------------------------- shared inputs
+def product_config(args):
+    sys.path.insert(0, str(REPO / "src"))
+    from hydra import compose, initialize_config_dir
+
+    from llmtune.config import CONFIG_DIR, register_resolvers
+
+    register_resolvers()
+    overrides = ["dataset=financial_phrasebank", f"dataset.path={args.data}"] if args.data else []
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="train", overrides=overrides + [f"trainer.batch_size={args.batch_size}"])
+
+
+def inputs(args):
+    """Config, model folder, train rows (steps x batch) and test rows, split by the product's seeded protocol."""
+    from llmtune.data.loading import load_rows, split_per_class
+    from llmtune.models.loader import prepare_model_dir
+
+    cfg = product_config(args)
+    splits = split_per_class(load_rows(cfg.dataset), list(cfg.dataset.labels), cfg.dataset.split, cfg.seed)
+    model_dir = prepare_model_dir(cfg.model, cfg.paths.cache_dir)
+    return cfg, model_dir, splits["train"][: args.steps * args.batch_size], splits["test"][: args.sentences]
+
+
+def prompts_and_answers(cfg, rows):
+    from llmtune.data.prompts import PromptFormat
+
+    fmt = PromptFormat.from_config(cfg.model, cfg.dataset)
+    return [fmt.prompt(r["text"]) for r in rows], [fmt.answer(r["label"]) for r in rows], fmt
+
+
+# ---------------------------------------------------------------------------------------------------- arms
+def arm_matmul(args):
+    """bf16 and fp32 matmul throughput, the machine's practical ceiling (median of 10 runs of 2048^3)."""
+    import torch
+
+    result = {}
+    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+        for _ in range(3):
+            a @ b
+        times = []
+        for _ in range(10):
+            start = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - start)
+        result[f"{name}_tflops"] = 2 * 2048**3 / statistics.median(times) / 1e12
+    return result
+
+
+def arm_trl(args, compact):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from trl_arms import train_trl
+
+    cfg, model_dir, train_rows, _ = inputs(args)
+    prompts, answers, _ = prompts_and_answers(cfg, train_rows)
+    return train_trl(model_dir, prompts, answers, args.batch_size, args.steps, compact_logits=compact, lora=LORA)
+
+
+def arm_llmtune_train(args):
+    """The product's training path: bf16 frozen base, fp32 LoRA, length pools, labelled-position LM head."""
+    import lightning as L
+    import torch
+    from omegaconf import OmegaConf
+
+    from llmtune.data.prompts import batch_tokens
+    from llmtune.models.loader import load_base_model
+    from llmtune.models.lora import add_lora
+    from llmtune.training.module import LoraFineTuner
+    from llmtune.training.setup import encode_rows, make_loaders, make_trainer
+
+    cfg, model_dir, train_rows, _ = inputs(args)
+    L.seed_everything(0, verbose=False)
+    tokenizer, base = load_base_model(model_dir, cfg.model)
+    model = add_lora(base, cfg.model, OmegaConf.create({**OmegaConf.to_container(cfg.method), "lora": LORA}))
+    _, _, fmt = prompts_and_answers(cfg, train_rows)
+    train_loader, _ = make_loaders(encode_rows(train_rows, tokenizer, fmt, cfg.method.loss_on), [], cfg.trainer,
+                                   tokenizer.pad_token_id, seed=0)
+
+    class StepTimer(L.Callback):
+        seconds, tokens, losses = [], [], []
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            self.start = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            self.seconds.append(time.perf_counter() - self.start)
+            self.tokens.append(batch_tokens(batch))
+            self.losses.append(float(outputs["loss"]))
+
+    timer = StepTimer()
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = make_trainer(cfg.trainer, Path(run_dir), logger=False, callbacks=[timer], max_steps=args.steps,
+                               max_epochs=-1, enable_checkpointing=False, enable_progress_bar=False)
+        trainer.fit(LoraFineTuner(model, **OmegaConf.to_container(cfg.method.optimizer)), train_loader)
+    timed_s, timed_tok = timer.seconds[WARMUP_STEPS:], timer.tokens[WARMUP_STEPS:]
+    embedding = model.get_input_embeddings().weight.numel()
+    frozen_non_embedding = sum(p.numel() for p in model.parameters() if not p.requires_grad) - embedding
+    return {"tokens_per_s": sum(timed_tok) / sum(timed_s), "s_per_step": statistics.median(timed_s),
+            "steps": len(timer.seconds), "tokens": sum(timed_tok), "losses": timer.losses,
+            "non_embedding_params": frozen_non_embedding, "threads": torch.get_num_threads(),
+            "setting": "llmtune LoraFineTuner + Lightning Trainer as `python -m llmtune` builds them"}
+
+
+def arm_generate(args):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from trl_arms import generate_and_parse
+
+    cfg, model_dir, _, test_rows = inputs(args)
+    prompts, _, _ = prompts_and_answers(cfg, test_rows)
+    return generate_and_parse(model_dir, prompts, list(cfg.dataset.labels), batch_size=args.eval_batch_size)
+
+
+def arm_llmtune_score(args):
+    from llmtune.evaluation.scoring import label_log_likelihoods
+    from llmtune.models.loader import load_base_model
+
+    cfg, model_dir, _, test_rows = inputs(args)
+    prompts, _, fmt = prompts_and_answers(cfg, test_rows)
+    tokenizer, model = load_base_model(model_dir, cfg.model)
+    labels = list(cfg.dataset.labels)
+    label_log_likelihoods(model, tokenizer, prompts[:4], [fmt.answer(x) for x in labels], 4)  # warm-up, untimed
+    start = time.perf_counter()
+    scores = label_log_likelihoods(model, tokenizer, prompts, [fmt.answer(x) for x in labels], args.eval_batch_size)
+    seconds = time.perf_counter() - start
+    return {"sentences_per_s": len(prompts) / seconds, "seconds": seconds,
+            "predictions": [labels[i] for i in scores.argmax(1).tolist()]}
+
+
+ARMS = {
+    "matmul": arm_matmul,
+    "trl_default": lambda args: arm_trl(args, compact=False),
+    "trl_compact": lambda args: arm_trl(args, compact=True),
+    "llmtune_train": arm_llmtune_train,
+    "generate_parse": arm_generate,
+    "llmtune_score": arm_llmtune_score,
+}
+
+
+# ---------------------------------------------------------------------------------------------------- orchestration
+def run_arm(name, argv):
+    """Run one arm in a fresh interpreter; its own peak RSS comes from wait4's rusage (KiB on Linux)."""
+    process = subprocess.Popen([sys.executable, __file__, "--arm", name, *argv], stdout=subprocess.PIPE, text=True)
+    output = process.stdout.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        return {"error": f"exit code {process.returncode}"}
+    result = json.loads(next(line[7:] for line in output.splitlines() if line.startswith("RESULT ")))
+    result["peak_rss_gib"] = usage.ru_maxrss / 2**20
+    return result
+
+
+def report(results, args):
+    peak = results["matmul"]["bf16_tflops"]
+    train = results["llmtune_train"]
+    # LoRA on a frozen base: forward 2N FLOPs/token, backward 2N for the input gradients (no weight gradients for
+    # frozen N); the LoRA matrices (~1% of N) and the LM head at answer positions only are left out.
+    train_tflops = train["tokens_per_s"] * 4 * train["non_embedding_params"] / 1e12
+    generate, score = results["generate_parse"], results["llmtune_score"]
+    agree = sum(a == b for a, b in zip(generate["predictions"], score["predictions"])) / len(score["predictions"])
+    lines = ["| training | tokens/s | s/step | peak RSS GiB | llmtune ÷ this |", "|---|---|---|---|---|"]
+    for name in ("trl_default", "trl_compact", "llmtune_train"):
+        r = results[name]
+        lines.append(f"| {name} | {r['tokens_per_s']:.0f} | {r['s_per_step']:.2f} | {r['peak_rss_gib']:.2f} | "
+                     f"{train['tokens_per_s'] / r['tokens_per_s']:.2f}x |")
+    lines += ["", "| inference | sentences/s | seconds | peak RSS GiB | llmtune ÷ this |", "|---|---|---|---|---|"]
+    for name in ("generate_parse", "llmtune_score"):
+        r = results[name]
+        lines.append(f"| {name} | {r['sentences_per_s']:.1f} | {r['seconds']:.1f} | {r['peak_rss_gib']:.2f} | "
+                     f"{score['sentences_per_s'] / r['sentences_per_s']:.2f}x |")
+    summary = {
+        "bf16_matmul_tflops": peak, "fp32_matmul_tflops": results["matmul"]["fp32_tflops"],
+        "llmtune_train_tflops": train_tflops, "llmtune_train_utilisation": train_tflops / peak,
+        "label_agreement_generate_vs_scoring": agree, "generate_unparseable": generate["unparseable"],
+        "train_ratio_vs_trl_default": train["tokens_per_s"] / results["trl_default"]["tokens_per_s"],
+        "train_ratio_vs_trl_compact": train["tokens_per_s"] / results["trl_compact"]["tokens_per_s"],
+        "inference_ratio_vs_generate": score["sentences_per_s"] / generate["sentences_per_s"],
+    }
+    lines += ["", f"bf16 matmul {peak:.2f} TFLOPS (fp32 {results['matmul']['fp32_tflops']:.2f}); llmtune training "
+              f"{train_tflops:.3f} TFLOPS = {100 * summary['llmtune_train_utilisation']:.0f}% of bf16 peak; "
+              f"generate-vs-scoring label agreement {100 * agree:.1f}% ({generate['unparseable']} unparseable "
+              f"generations); batch {args.batch_size}, {args.steps} steps ({WARMUP_STEPS} warm-up), "
+              f"{len(score['predictions'])} test sentences, {train['threads']} threads."]
+    return "\n".join(lines), summary
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default=str(DEFAULT_DATA) if DEFAULT_DATA.is_file() else None,
+                        help="Financial PhraseBank CSV (default: ../shared/data/...; else the shipped demo set)")
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--eval-batch-size", type=int, default=16)
+    parser.add_argument("--sentences", type=int, default=200)
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset (default: all)")
+    parser.add_argument("--arm", help=argparse.SUPPRESS)  # internal: run one arm in this process
+    args = parser.parse_args()
+    sys.path.insert(0, str(REPO / "src"))
+
+    if args.arm:
+        print("RESULT " + json.dumps(ARMS[args.arm](args)), flush=True)
+        return
+    argv = [f"--steps={args.steps}", f"--batch-size={args.batch_size}", f"--eval-batch-size={args.eval_batch_size}",
+            f"--sentences={args.sentences}"] + ([f"--data={args.data}"] if args.data else [])
+    results = {}
+    for name in args.arms.split(","):
+        print(f"[speed] {name} ...", file=sys.stderr, flush=True)
+        results[name] = run_arm(name, argv)
+        print(f"[speed] {name}: " + ", ".join(f"{k}={v:.3g}" for k, v in results[name].items()
+                                              if isinstance(v, float)), file=sys.stderr, flush=True)
+    table, summary = report(results, args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    recorded = {k: os.path.relpath(v, REPO) if k in ("data", "out") and v else v for k, v in vars(args).items()}
+    (out / "speed.json").write_text(json.dumps({"args": recorded, "summary": summary, "arms": results}, indent=1))
+    (out / "speed.md").write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
