@@ -3,6 +3,7 @@ generate-and-parse vs llmtune's label scoring, against the machine's measured bf
 
     python benchmarks/speed.py                       # Financial PhraseBank from ../shared/data, Gemma 3 270M
     python benchmarks/speed.py --data FILE.csv --steps 12 --sentences 300
+    python benchmarks/speed.py --adapter outputs/<run>/adapter     # inference arms on a tuned model
 
 Every arm runs in its own fresh process (os.wait4 gives that process's own peak RSS); the parent prints a table and
 writes benchmarks/results/speed.{json,md}. The llmtune arms call the product's own code (encode_rows, make_loaders,
@@ -135,7 +136,8 @@ def arm_generate(args):
 
     cfg, model_dir, _, test_rows = inputs(args)
     prompts, _, _ = prompts_and_answers(cfg, test_rows)
-    return generate_and_parse(model_dir, prompts, list(cfg.dataset.labels), batch_size=args.eval_batch_size)
+    return generate_and_parse(model_dir, prompts, list(cfg.dataset.labels), batch_size=args.eval_batch_size,
+                              adapter_dir=args.adapter)
 
 
 def arm_llmtune_score(args):
@@ -145,6 +147,10 @@ def arm_llmtune_score(args):
     cfg, model_dir, _, test_rows = inputs(args)
     prompts, _, fmt = prompts_and_answers(cfg, test_rows)
     tokenizer, model = load_base_model(model_dir, cfg.model)
+    if args.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, args.adapter)
     labels = list(cfg.dataset.labels)
     label_log_likelihoods(model, tokenizer, prompts[:4], [fmt.answer(x) for x in labels], 4)  # warm-up, untimed
     start = time.perf_counter()
@@ -179,36 +185,45 @@ def run_arm(name, argv):
 
 
 def report(results, args):
-    peak = results["matmul"]["bf16_tflops"]
-    train = results["llmtune_train"]
-    # LoRA on a frozen base: forward 2N FLOPs/token, backward 2N for the input gradients (no weight gradients for
-    # frozen N); the LoRA matrices (~1% of N) and the LM head at answer positions only are left out.
-    train_tflops = train["tokens_per_s"] * 4 * train["non_embedding_params"] / 1e12
-    generate, score = results["generate_parse"], results["llmtune_score"]
-    agree = sum(a == b for a, b in zip(generate["predictions"], score["predictions"])) / len(score["predictions"])
-    lines = ["| training | tokens/s | s/step | peak RSS GiB | llmtune ÷ this |", "|---|---|---|---|---|"]
-    for name in ("trl_default", "trl_compact", "llmtune_train"):
-        r = results[name]
-        lines.append(f"| {name} | {r['tokens_per_s']:.0f} | {r['s_per_step']:.2f} | {r['peak_rss_gib']:.2f} | "
-                     f"{train['tokens_per_s'] / r['tokens_per_s']:.2f}x |")
-    lines += ["", "| inference | sentences/s | seconds | peak RSS GiB | llmtune ÷ this |", "|---|---|---|---|---|"]
-    for name in ("generate_parse", "llmtune_score"):
-        r = results[name]
-        lines.append(f"| {name} | {r['sentences_per_s']:.1f} | {r['seconds']:.1f} | {r['peak_rss_gib']:.2f} | "
-                     f"{score['sentences_per_s'] / r['sentences_per_s']:.2f}x |")
-    summary = {
-        "bf16_matmul_tflops": peak, "fp32_matmul_tflops": results["matmul"]["fp32_tflops"],
-        "llmtune_train_tflops": train_tflops, "llmtune_train_utilisation": train_tflops / peak,
-        "label_agreement_generate_vs_scoring": agree, "generate_unparseable": generate["unparseable"],
-        "train_ratio_vs_trl_default": train["tokens_per_s"] / results["trl_default"]["tokens_per_s"],
-        "train_ratio_vs_trl_compact": train["tokens_per_s"] / results["trl_compact"]["tokens_per_s"],
-        "inference_ratio_vs_generate": score["sentences_per_s"] / generate["sentences_per_s"],
-    }
-    lines += ["", f"bf16 matmul {peak:.2f} TFLOPS (fp32 {results['matmul']['fp32_tflops']:.2f}); llmtune training "
-              f"{train_tflops:.3f} TFLOPS = {100 * summary['llmtune_train_utilisation']:.0f}% of bf16 peak; "
-              f"generate-vs-scoring label agreement {100 * agree:.1f}% ({generate['unparseable']} unparseable "
-              f"generations); batch {args.batch_size}, {args.steps} steps ({WARMUP_STEPS} warm-up), "
-              f"{len(score['predictions'])} test sentences, {train['threads']} threads."]
+    """Markdown tables and a summary for whichever groups of arms ran (training, inference, matmul)."""
+    lines, summary = [], {}
+    training = ("trl_default", "trl_compact", "llmtune_train")
+    if all(name in results for name in training):
+        train = results["llmtune_train"]
+        lines += ["| training | tokens/s | s/step | peak RSS GiB | llmtune ÷ this |", "|---|---|---|---|---|"]
+        for name in training:
+            r = results[name]
+            lines.append(f"| {name} | {r['tokens_per_s']:.0f} | {r['s_per_step']:.2f} | {r['peak_rss_gib']:.2f} | "
+                         f"{train['tokens_per_s'] / r['tokens_per_s']:.2f}x |")
+            summary[f"train_ratio_vs_{name}"] = train["tokens_per_s"] / r["tokens_per_s"]
+        lines.append("")
+    if "generate_parse" in results and "llmtune_score" in results:
+        generate, score = results["generate_parse"], results["llmtune_score"]
+        lines += ["| inference | sentences/s | seconds | peak RSS GiB | llmtune ÷ this |", "|---|---|---|---|---|"]
+        for name in ("generate_parse", "llmtune_score"):
+            r = results[name]
+            lines.append(f"| {name} | {r['sentences_per_s']:.1f} | {r['seconds']:.1f} | {r['peak_rss_gib']:.2f} | "
+                         f"{score['sentences_per_s'] / r['sentences_per_s']:.2f}x |")
+        summary["inference_ratio_vs_generate"] = score["sentences_per_s"] / generate["sentences_per_s"]
+        summary["label_agreement_generate_vs_scoring"] = (
+            sum(a == b for a, b in zip(generate["predictions"], score["predictions"])) / len(score["predictions"]))
+        summary["generate_unparseable"] = generate["unparseable"]
+        lines += ["", f"generate-vs-scoring label agreement {100 * summary['label_agreement_generate_vs_scoring']:.1f}%"
+                  f" ({generate['unparseable']} unparseable generations) on {len(score['predictions'])} test "
+                  f"sentences, adapter: {args.adapter or 'none (base model)'}."]
+    if "matmul" in results:
+        peak = results["matmul"]["bf16_tflops"]
+        summary.update(bf16_matmul_tflops=peak, fp32_matmul_tflops=results["matmul"]["fp32_tflops"])
+        lines.append(f"bf16 matmul {peak:.2f} TFLOPS (fp32 {results['matmul']['fp32_tflops']:.2f}).")
+        if "llmtune_train" in results:
+            # LoRA on a frozen base: forward 2N FLOPs/token, backward 2N for the input gradients (no weight
+            # gradients for frozen N); the LoRA matrices (~1% of N) and the answer-position LM head are left out.
+            train = results["llmtune_train"]
+            summary["llmtune_train_tflops"] = train["tokens_per_s"] * 4 * train["non_embedding_params"] / 1e12
+            summary["llmtune_train_utilisation"] = summary["llmtune_train_tflops"] / peak
+            lines.append(f"llmtune training {summary['llmtune_train_tflops']:.3f} TFLOPS = "
+                         f"{100 * summary['llmtune_train_utilisation']:.0f}% of the bf16 peak; batch "
+                         f"{args.batch_size}, {args.steps} steps ({WARMUP_STEPS} warm-up), {train['threads']} threads.")
     return "\n".join(lines), summary
 
 
@@ -220,6 +235,8 @@ def main():
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--eval-batch-size", type=int, default=16)
     parser.add_argument("--sentences", type=int, default=200)
+    parser.add_argument("--adapter", help="a run's adapter/ folder for both inference arms (the base model rarely "
+                        "generates a label at all)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset (default: all)")
     parser.add_argument("--arm", help=argparse.SUPPRESS)  # internal: run one arm in this process
@@ -230,17 +247,19 @@ def main():
         print("RESULT " + json.dumps(ARMS[args.arm](args)), flush=True)
         return
     argv = [f"--steps={args.steps}", f"--batch-size={args.batch_size}", f"--eval-batch-size={args.eval_batch_size}",
-            f"--sentences={args.sentences}"] + ([f"--data={args.data}"] if args.data else [])
+            f"--sentences={args.sentences}"] + ([f"--data={args.data}"] if args.data else []) + (
+        [f"--adapter={args.adapter}"] if args.adapter else [])
     results = {}
     for name in args.arms.split(","):
         print(f"[speed] {name} ...", file=sys.stderr, flush=True)
         results[name] = run_arm(name, argv)
         print(f"[speed] {name}: " + ", ".join(f"{k}={v:.3g}" for k, v in results[name].items()
                                               if isinstance(v, float)), file=sys.stderr, flush=True)
-    table, summary = report(results, args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    recorded = {k: os.path.relpath(v, REPO) if k in ("data", "out") and v else v for k, v in vars(args).items()}
+    table, summary = report(results, args)
+    recorded = {k: os.path.relpath(v, REPO) if k in ("data", "out", "adapter") and v else v
+                for k, v in vars(args).items()}
     (out / "speed.json").write_text(json.dumps({"args": recorded, "summary": summary, "arms": results}, indent=1))
     (out / "speed.md").write_text(table + "\n")
     print(table)

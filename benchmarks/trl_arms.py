@@ -186,7 +186,7 @@ def _first_label(text: str, labels: list[str]) -> str | None:
 
 
 def generate_and_parse(model_dir: str, prompts: list[str], labels: list[str], batch_size: int,
-                       max_new_tokens: int = 4) -> dict:
+                       max_new_tokens: int = 4, adapter_dir: str | None = None) -> dict:
     """Classification the usual way: greedy generate after each prompt, decode the new tokens, parse a label.
 
     Returns {"sentences_per_s", "predictions", "unparseable"} plus "seconds" and the decoded "generations". A
@@ -196,6 +196,10 @@ def generate_and_parse(model_dir: str, prompts: list[str], labels: list[str], ba
     import torch
 
     tokenizer, model = _load(model_dir)
+    if adapter_dir:  # a run's LoRA adapter, so the model answers with labels
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter_dir)
     model.eval()
     # Decoder-only batched generation must be left-padded so every row's new tokens follow its last prompt token.
     tokenizer.padding_side = "left"
