@@ -110,7 +110,8 @@ def test_label_scoring_single_and_multi_token_paths_agree_with_a_manual_sum(tiny
                 manual = sum(logp[len(prompt_ids) - 1 + k, tok] for k, tok in enumerate(answer_ids))
                 assert scores[i, j] == pytest.approx(float(manual), abs=1e-4)
     # Single-token answers use one forward per prompt; it must agree with the per-label path.
-    single = [a for a in (" the", " of", " in", " to", " and") if len(tokenizer(a, add_special_tokens=False).input_ids) == 1]
+    single = [a for a in (" the", " of", " in", " to", " and")
+              if len(tokenizer(a, add_special_tokens=False).input_ids) == 1]
     assert len(single) >= 2
     fast = label_log_likelihoods(model, tokenizer, prompts, single, batch_size=3, reuse_prefix=reuse_prefix)
     slow = label_log_likelihoods(model, tokenizer, prompts, single + [" positive outlook"], batch_size=3,

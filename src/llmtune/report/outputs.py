@@ -78,7 +78,8 @@ def write_report(run_dir: Path, summary: dict, figures: list[str]) -> None:
     lines += ["", "Confusion matrix (tuned; rows gold, columns predicted):", "",
               "| gold \\ predicted | " + " | ".join(matrix["labels"]) + " |",
               "|---|" + "---|" * len(matrix["labels"])]
-    lines += [f"| {label} | " + " | ".join(map(str, row)) + " |" for label, row in zip(matrix["labels"], matrix["matrix"])]
+    lines += [f"| {label} | " + " | ".join(map(str, row)) + " |"
+              for label, row in zip(matrix["labels"], matrix["matrix"])]
     lines += ["", "Wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timing.items()), ""]
     lines += [f"![{name}]({name})" for name in figures]
     write_atomic(run_dir / "report.md", "\n".join(lines) + "\n")

@@ -25,9 +25,8 @@ class LoraFineTuner(L.LightningModule):
         self.strict_loading = False
         self.tokens_seen = 0  # non-padding tokens trained on, for tokens/s
 
-
     def on_fit_start(self):
-        self.model.train()  # scoring the base model left it in eval mode; LoRA dropout must be active
+        self.model.train()  # scoring the base model left it in eval mode; dropout, if configured, must be active
 
     def training_step(self, batch, batch_idx):
         loss = next_token_loss(self.model, batch)

@@ -10,7 +10,8 @@ from torch.utils.data import DataLoader
 from llmtune.data.batching import LengthPoolBatchSampler
 from llmtune.data.prompts import PromptFormat, encode_example, pad_batch, split_shared_prefix
 
-LOADER_KEYS = ("batch_size", "length_pool_batches", "share_prefix")  # trainer/ keys for the loaders; the rest go to L.Trainer
+# trainer/ keys that shape the loaders; every other trainer/ key goes to L.Trainer as it is.
+LOADER_KEYS = ("batch_size", "length_pool_batches", "share_prefix")
 
 
 def encode_rows(rows: list[dict], tokenizer, prompt_format: PromptFormat, loss_on: str) -> list[dict]:
