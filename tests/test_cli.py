@@ -40,6 +40,8 @@ def test_tiny_job_end_to_end(tmp_path, cache_dir):
                  "adapter/adapter_model.safetensors"):
         assert (run_dir / name).is_file(), name
     assert not list(run_dir.rglob("*.partial"))
+    assert "train/loss" in (run_dir / "logs" / "metrics.csv").read_text().splitlines()[0]
+    assert "exists and is not empty" not in result.stderr
 
     from llmtune.models.loader import load_base_model
     from conftest import compose_config
