@@ -61,9 +61,7 @@ def check_overrides(args: list[str]) -> None:
         options = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.value()]
         for option in options:
             if option not in groups[name]:
-                close = _did_you_mean(option, groups[name])
-                hint = f" (did you mean '{close}'?)" if close else ""
-                raise UserError(f"{name}={option} is not a known {name} config{hint}; "
+                raise UserError(f"{name}={option} is not a known {name} config{_did_you_mean(option, groups[name])}; "
                                 f"choose one of {', '.join(groups[name])}")
         group_choices.append(f"{name}={options[0]}")
     if not keys:
@@ -77,13 +75,13 @@ def check_overrides(args: list[str]) -> None:
             continue
         siblings = list(node.keys()) if isinstance(node, DictConfig) else []
         if leaf not in siblings:  # keys(), unlike `in`, also lists keys whose value is still ??? (required)
-            close = _did_you_mean(leaf, siblings)
-            hint = f" (did you mean '{parent + '.' if parent else ''}{close}'?)" if close else ""
+            hint = _did_you_mean(leaf, siblings, prefix=f"{parent}." if parent else "")
             raise UserError(f"unknown config key '{key}'{hint}; to add a new key on purpose use +{key}=...")
 
 
-def _did_you_mean(word: str, candidates: list[str]) -> str | None:
+def _did_you_mean(word: str, candidates: list[str], prefix: str = "") -> str:
+    """' (did you mean 'PREFIX+closest'?)' for a close candidate, else ''."""
     import difflib
 
     close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
-    return close[0] if close else None
+    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""

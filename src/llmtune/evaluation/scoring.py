@@ -24,7 +24,7 @@ def label_log_likelihoods(model, tokenizer, prompts: list[str], answers: list[st
     prefix_length = shared_prefix_length(prompt_ids) if reuse_prefix else 0
     cache = prefix_cache(model, torch.tensor(prompt_ids[0][:prefix_length])) if prefix_length else None
     rests = [ids[prefix_length:] for ids in prompt_ids]
-    # Batches of similar length waste little on padding; scores go back to the original order at the end.
+    # Batches of similar length waste little on padding; each score is written at its prompt's own index.
     order = sorted(range(len(prompts)), key=lambda i: len(rests[i]))
     scores = torch.empty(len(prompts), len(answers))
     # Single-token labels: every label is read off the first label's position, one forward per prompt.
