@@ -16,7 +16,7 @@ def llmtune(args: list[str], run_dir: Path, cache_dir: Path) -> subprocess.Compl
     env = {**os.environ, "LLMTUNE_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1"}
     env.pop("HYDRA_FULL_ERROR", None)
     return subprocess.run([sys.executable, "-m", "llmtune", *args, f"hydra.run.dir={run_dir}"],
-                          capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+                          check=False, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
 
 
 def test_tiny_job_end_to_end(tmp_path, cache_dir):
@@ -27,7 +27,10 @@ def test_tiny_job_end_to_end(tmp_path, cache_dir):
     assert "tuned" in result.stdout and "accuracy" in result.stdout
 
     summary = json.loads((run_dir / "metrics.json").read_text())
-    assert set(summary["results"]) == {"base", "tuned"}
+    assert set(summary["results"]) == {"base", "tuned", "val"}
+    assert summary["logged"]["test/accuracy"] == summary["results"]["tuned"]["accuracy"]
+    assert summary["logged"]["val/accuracy"] == summary["results"]["val"]["accuracy"]
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"
     assert summary["run"]["n_train"] == 60 and summary["run"]["n_test"] == 30
     assert summary["results"]["tuned"]["n"] == 30
     predictions = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
@@ -36,15 +39,16 @@ def test_tiny_job_end_to_end(tmp_path, cache_dir):
     assert sum(predictions[0]["scores"].values()) == pytest.approx(1.0, abs=1e-3)
     accuracy = sum(p["gold"] == p["predicted"] for p in predictions) / 30
     assert summary["results"]["tuned"]["accuracy"] == pytest.approx(accuracy)
-    for name in ("report.md", "confusion_matrix.png", ".hydra/config.yaml", "adapter/adapter_config.json",
+    for name in ("report.md", "confusion_matrix.png", ".hydra/config.yaml", "config.yaml", "adapter/adapter_config.json",
                  "adapter/adapter_model.safetensors"):
         assert (run_dir / name).is_file(), name
     assert not list(run_dir.rglob("*.partial"))
     assert "train/loss" in (run_dir / "logs" / "metrics.csv").read_text().splitlines()[0]
     assert "exists and is not empty" not in result.stderr
 
-    from llmtune.models.loader import load_base_model
     from conftest import compose_config
+
+    from llmtune.models.loader import load_base_model
     _, base = load_base_model(str(cache_dir / "models" / "tiny"), compose_config(["model=tiny"]).model)
     assert isinstance(PeftModel.from_pretrained(base, run_dir / "adapter"), PeftModel)
 

@@ -1,4 +1,9 @@
-"""`python -m llmtune` and the `llmtune` console script: Hydra entry only; run.py tells the run."""
+"""`python -m llmtune` and the `llmtune` console script.
+
+    llmtune [HYDRA OVERRIDES...]          one run (or a grid with -m); run.py tells the run
+    llmtune sweep SPEC --count N [...]    a W&B sweep spec run locally (llmtune.sweep)
+    llmtune report DIR [...]              one report across runs (llmtune.report.compare)
+"""
 
 import sys
 
@@ -14,14 +19,29 @@ register_resolvers()
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 @report_user_errors
 def train(cfg: DictConfig) -> float | None:
-    from llmtune.run import run  # heavy imports (torch, transformers) only when a job really runs
+    from llmtune.job import run_job
 
-    return run(cfg)
+    return run_job(cfg)
 
 
 def main() -> None:
+    command = sys.argv[1] if len(sys.argv) > 1 else ""
+    if command == "sweep":
+        from llmtune.sweep import main as sweep
+        return report_user_errors(sweep)(sys.argv[2:])
+    if command == "report":
+        from llmtune.report.compare import main as report
+        return report_user_errors(report)(sys.argv[2:])
     report_user_errors(check_overrides)(sys.argv[1:])
     train()
+    # Filled only by a multirun, where a failed job does not stop the grid.
+    from llmtune.job import failed_jobs
+
+    if failed_jobs:
+        print(f"llmtune: error: {len(failed_jobs)} job(s) failed; the others finished:", file=sys.stderr)
+        for line in failed_jobs:
+            print(f"  {line}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from llmtune.evaluation.scoring import classify
 from llmtune.models.loader import load_base_model, prepare_model_dir
 from llmtune.models.lora import add_lora, lora_settings
 from llmtune.report import outputs
+from llmtune.tracking import final_metrics, public_config
 from llmtune.training.module import LoraFineTuner
 from llmtune.training.setup import encode_rows, make_loaders, make_trainer
 
@@ -37,8 +38,8 @@ def run(cfg: DictConfig) -> float:
     model.print_trainable_parameters()
     timing = {"prepare": time.perf_counter() - started}
 
-    def score(desc):
-        return classify(model, tokenizer, splits["test"], prompt_format, labels, cfg.eval.batch_size, desc)
+    def score(desc, split="test"):
+        return classify(model, tokenizer, splits[split], prompt_format, labels, cfg.eval.batch_size, desc)
 
     results, base_predictions = {}, None
     if cfg.eval.baseline:
@@ -54,16 +55,24 @@ def run(cfg: DictConfig) -> float:
         encode_rows(splits["val"], tokenizer, prompt_format, cfg.method.loss_on),
         cfg.trainer, tokenizer.pad_token_id, cfg.seed)
     module = LoraFineTuner(model, **OmegaConf.to_container(cfg.method.optimizer, resolve=True))
-    trainer = make_trainer(cfg.trainer, run_dir, instantiate(cfg.logger),
+    logger = instantiate(cfg.logger)
+    logger.log_hyperparams(public_config(cfg))  # secrets masked; W&B shows it as the run's config
+    trainer = make_trainer(cfg.trainer, run_dir, logger,
                            [ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last")])
     tick = time.perf_counter()
     trainer.fit(module, train_loader, val_loader)
     timing["train"] = time.perf_counter() - tick
 
+    # Validation accuracy is what sweeps optimise: picking hyper-parameters on test would flatter the test score.
     tick = time.perf_counter()
+    if splits["val"]:
+        results["val"] = _metrics(score("scoring tuned model (val)", "val"), labels)
     tuned_predictions = score("scoring tuned model")
     results["tuned"] = _metrics(tuned_predictions, labels)
     timing["eval_tuned"] = time.perf_counter() - tick
+    logged = final_metrics(results)
+    logger.log_metrics(logged, step=trainer.global_step)
+    logger.save()
 
     # Write: adapter (loads with PeftModel.from_pretrained), predictions, metrics, report, plot, console table.
     model.save_pretrained(run_dir / "adapter")
@@ -73,6 +82,7 @@ def run(cfg: DictConfig) -> float:
                 "seed": cfg.seed, "n_train": len(splits["train"]), "n_val": len(splits["val"]),
                 "n_test": len(splits["test"]), "lora": lora_settings(cfg.model, cfg.method)},
         "results": results,
+        "logged": logged,
         "train": {"epochs": trainer.current_epoch, "steps": trainer.global_step, "tokens": module.tokens_seen,
                   "tokens_per_s": module.tokens_seen / timing["train"]},
         "timing_s": {k: round(v, 1) for k, v in timing.items()},

@@ -70,6 +70,9 @@ def write_report(run_dir: Path, summary: dict, figures: list[str]) -> None:
              f"{summary['train']['tokens_per_s']:.0f} train tokens/s.", "",
              "| metric | base | tuned |", "|---|---|---|"]
     lines += [f"| {m} | {b} | {t} |" for m, b, t in comparison_rows(results)]
+    if "val" in results:
+        lines += ["", f"Validation (tuned, n={results['val']['n']}): accuracy {results['val']['accuracy']:.3f}, "
+                      f"macro-F1 {results['val']['macro_f1']:.3f}."]
     tuned = results["tuned"]
     lines += ["", "Per label (tuned):", "", "| label | precision | recall | f1 | support |", "|---|---|---|---|---|"]
     lines += [f"| {label} | {v['precision']:.3f} | {v['recall']:.3f} | {v['f1']:.3f} | {v['support']} |"

@@ -1,0 +1,85 @@
+"""One Hydra job around run(): its status on disk, its resolved config, and what a failure does.
+
+Every run directory gets `config.yaml` (resolved, secrets masked) and `status.json` before any work starts, so
+`llmtune report` can list a failed or killed job next to the finished ones. In a multirun a failed job is recorded
+and the next job starts; `failed_jobs` lets the command exit non-zero at the end.
+"""
+
+import json
+import logging
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+
+import yaml
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from llmtune.errors import UserError
+from llmtune.report.outputs import write_atomic
+from llmtune.tracking import finish_wandb, mask_secrets, public_config, secret_values
+
+log = logging.getLogger(__name__)
+failed_jobs: list[str] = []  # "<run dir>: <error>" for each failed job of this process
+
+
+def run_job(cfg: DictConfig) -> float | None:
+    # Heavy imports (torch, transformers) only when a job really runs.
+    from llmtune.run import run
+
+    run_dir = Path(cfg.paths.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    started = _now()
+    _write_status(run_dir, "running", started)
+    _mask_secrets_in_hydra_files(cfg, run_dir)
+    try:
+        write_atomic(run_dir / "config.yaml", yaml.safe_dump(public_config(cfg), sort_keys=False))
+        value = run(cfg)
+    except Exception as error:
+        message = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
+        first_line = message.strip().splitlines()[0]
+        _write_status(run_dir, "failed", started, first_line)
+        finish_wandb(exit_code=1)
+        if not _in_multirun():
+            raise  # a UserError becomes one line (report_user_errors); anything else is a bug: show it
+        # The traceback goes to the job's log file; the console gets one line and the sweep goes on.
+        log.error("job failed: %s\n%s", message, "" if isinstance(error, UserError) else traceback.format_exc())
+        failed_jobs.append(f"{run_dir}: {first_line}")
+        return None
+    except BaseException:  # Ctrl-C, kill: the job did not finish, and the sweep stops too
+        _write_status(run_dir, "failed", started, "interrupted")
+        finish_wandb(exit_code=1)
+        raise
+    _write_status(run_dir, "completed", started)
+    finish_wandb()
+    return value
+
+
+def _mask_secrets_in_hydra_files(cfg: DictConfig, run_dir: Path) -> None:
+    """Hydra copies the command line into .hydra/ (and multirun.yaml); a token given there must not stay on disk."""
+    secrets = secret_values(cfg)
+    if not secrets:
+        return
+    files = list((run_dir / ".hydra").glob("*.yaml"))
+    if _in_multirun():
+        files.append(Path(HydraConfig.get().sweep.dir) / "multirun.yaml")
+    for path in files:
+        if path.is_file():
+            text = path.read_text(encoding="utf-8")
+            if mask_secrets(text, secrets) != text:
+                write_atomic(path, mask_secrets(text, secrets))
+
+
+def _in_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _write_status(run_dir: Path, status: str, started: str, error: str | None = None) -> None:
+    record = {"status": status, "error": error, "started": started,
+              "finished": None if status == "running" else _now()}
+    write_atomic(run_dir / "status.json", json.dumps(record, indent=2) + "\n")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
