@@ -100,6 +100,8 @@ def wandb_logger(name: str, group: str, project: str, save_dir: str, mode: str =
         logger = WandbLogger(name=name, group=group, project=project, entity=entity, tags=list(tags or []),
                              save_dir=save_dir, mode=mode, reinit="finish_previous",
                              settings=_wandb_settings(init_timeout))
+        # Lightning always passes anonymous=None, which wandb >= 0.19 answers with a deprecation warning per run.
+        getattr(logger, "_wandb_init", {}).pop("anonymous", None)
         # Start now, so a failure is handled here and not in the middle of training. W&B records the command
         # line in the run's metadata: hand it a copy with secrets masked.
         argv, secrets = sys.argv, secret_values()
