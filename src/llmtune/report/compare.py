@@ -1,0 +1,312 @@
+"""`llmtune report DIR`: compare every run under DIR: ranking, mean ± std over seeds, significance, figures.
+
+Writes results.csv (one row per run), report.md and its figures into DIR (or --out), and prints the ranking.
+"""
+
+import argparse
+import difflib
+from pathlib import Path
+
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+
+from llmtune.errors import UserError
+from llmtune.report import figures, params
+from llmtune.report.outputs import write_atomic
+from llmtune.report.runs import RUN_MARKERS, Run, find_run_dirs, load_run
+from llmtune.report.significance import discordant_counts, mcnemar_exact, mcnemar_p
+from llmtune.tracking import FINAL_METRICS
+
+SIGNIFICANCE_LEVEL = 0.05
+CONSOLE_ROWS = 20
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="llmtune report", description=__doc__.splitlines()[0])
+    parser.add_argument("dir", type=Path, help="a run folder, a Hydra multirun or sweep folder, or outputs/")
+    parser.add_argument("--metric", default="test/accuracy", help=f"rank by this metric, higher is better: "
+                                                                  f"{', '.join(FINAL_METRICS)} (default: %(default)s)")
+    parser.add_argument("--axes", help="two config keys for the heatmap, e.g. model.name,method.lora.r "
+                                       "(default: the first two varying parameters other than seed)")
+    parser.add_argument("--out", type=Path, help="folder for the report (default: DIR)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str]) -> None:
+    args = parse_args(argv)
+    root, metric = args.dir, args.metric
+    if metric not in FINAL_METRICS:
+        raise UserError(f"unknown metric {metric!r}; pass --metric with one of: {', '.join(FINAL_METRICS)}")
+    runs = load_runs(root)
+    check_metric_logged(runs, metric, root)
+    varying = params.varying_params([run.config for run in runs])
+    requested_axes = heatmap_axes(args.axes, varying, runs, root)
+    out_dir = output_dir(args.out, root)
+
+    # One row per run; completed runs that logged the metric are ranked, best first, the others follow.
+    table = runs_table(runs, varying + [key for key in requested_axes or [] if key not in varying], metric)
+    ranked = table[(table["status"] == "completed") & table[metric].notna()]
+    # results.csv keeps every varying key; report.md, the figures and the console show those that tell runs apart.
+    shown, follows = params.distinct_params(table, varying)
+    factors = [key for key in shown if key != "seed"]  # what makes a config; seeds are averaged over
+    axes = requested_axes or (factors[:2] if len(factors) >= 2 else None)
+    names = params.short_names(shown + [key for key in axes or [] if key not in shown])
+    groups = config_groups(ranked, factors, metric)
+    runs_by_name = {run.name: run for run in runs}
+
+    csv_columns = ["run", "status", *varying, *FINAL_METRICS, "mcnemar_p_base_vs_tuned", "train_tokens_per_s",
+                   "total_s", "error"]
+    write_atomic(out_dir / "results.csv", table[csv_columns].to_csv(index=False))
+    lines = header(root, table, metric, shown, follows, names)
+    lines += ranking_section(ranked, shown, names, metric)
+    lines += seeds_section(groups, factors, names, metric)
+    lines += paired_section(groups, runs_by_name, factors, names)
+    lines += problems_section(table)
+    lines += ["## Figures", ""]
+    lines += heatmap_figure(out_dir, ranked, axes, names, metric, factors)
+    lines += confusion_figure(out_dir, ranked, runs_by_name, shown, names)
+    lines += metric_vs_param_figures(out_dir, ranked, factors, names, metric)
+    write_atomic(out_dir / "report.md", "\n".join(lines) + "\n")
+    print_ranking(ranked, shown, names, metric, out_dir / "report.md")
+
+
+# --- Input ------------------------------------------------------------------------------------------------------
+
+def load_runs(root: Path) -> list[Run]:
+    if not root.is_dir():
+        raise UserError(f"{root} is not a folder; pass a run folder or a folder of runs, e.g. outputs/multirun/"
+                        f"<date>/<time>")
+    runs = [load_run(path, root) for path in find_run_dirs(root)]
+    if not runs:
+        raise UserError(f"no runs under {root} (no folder there has {' or '.join(RUN_MARKERS)}); pass the folder "
+                        f"that a run, a multirun (-m) or `llmtune sweep` wrote, e.g. outputs/")
+    return runs
+
+
+def check_metric_logged(runs: list[Run], metric: str, root: Path) -> None:
+    completed = [run for run in runs if run.status == "completed"]
+    if completed and not any(metric in run.metrics for run in completed):
+        logged = [name for name in FINAL_METRICS if any(name in run.metrics for run in completed)]
+        raise UserError(f"no completed run under {root} logged {metric} (base/* needs eval.baseline=true, val/* a "
+                        f"newer run); pass --metric with one they did: {', '.join(logged)}")
+
+
+def heatmap_axes(option: str | None, varying: list[str], runs: list[Run], root: Path) -> list[str] | None:
+    """The two config keys of --axes, checked; None without --axes."""
+    if option is None:
+        return None
+    keys = [key.strip() for key in option.split(",") if key.strip()]
+    if len(keys) != 2 or keys[0] == keys[1]:
+        raise UserError(f"--axes takes two different config keys separated by a comma, e.g. "
+                        f"--axes model.name,method.lora.r (got {option!r})")
+    known = set().union(*(run.config for run in runs))
+    for key in keys:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise UserError(f"--axes: {key!r} is not a config key of the runs under {root}; {hint}"
+                            f"varying keys: {', '.join(varying) or 'none'}")
+    return keys
+
+
+def output_dir(out: Path | None, root: Path) -> Path:
+    def is_run(folder):
+        return any((folder / marker).is_file() for marker in RUN_MARKERS)
+    if out is None:
+        # A single run's folder has its own report.md: put the comparison beside it, not over it.
+        out = root / "comparison" if is_run(root) else root
+    elif is_run(out):
+        raise UserError(f"--out {out} is a run folder; writing there would replace its report.md, pick another")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+# --- Tables -----------------------------------------------------------------------------------------------------
+
+def runs_table(runs: list[Run], keys: list[str], metric: str) -> pd.DataFrame:
+    rows = []
+    for run in runs:
+        both_scored = run.tuned_correct is not None and run.base_correct is not None
+        rows.append({
+            "run": run.name, "status": run.status, **{key: run.config.get(key) for key in keys},
+            **{name: run.metrics.get(name) for name in FINAL_METRICS},
+            "mcnemar_p_base_vs_tuned": mcnemar_p(run.tuned_correct, run.base_correct) if both_scored else None,
+            "train_tokens_per_s": run.summary.get("train", {}).get("tokens_per_s"),
+            "total_s": run.summary.get("timing_s", {}).get("total"),
+            "error": run.error,
+        })
+    table = pd.DataFrame(rows)
+    table[list(FINAL_METRICS)] = table[list(FINAL_METRICS)].astype(float)
+    # Completed runs by the metric (best first), then failed and incomplete ones; ties keep the folder order.
+    order = table["status"].ne("completed") | table[metric].isna()
+    return table.assign(_later=order).sort_values(["_later", metric], ascending=[True, False], kind="stable",
+                                                  na_position="last").drop(columns="_later").reset_index(drop=True)
+
+
+def config_groups(ranked: pd.DataFrame, keys: list[str], metric: str) -> pd.DataFrame:
+    """Runs with otherwise identical configs (all varying params but seed): mean, sample std (ddof=1), n, runs."""
+    by = keys or [pd.Series("all runs", index=ranked.index, name="config")]
+    groups = ranked.groupby(by, dropna=False, sort=False).agg(
+        mean=(metric, "mean"), std=(metric, "std"), n=(metric, "count"), runs=("run", list))
+    return groups.reset_index().sort_values("mean", ascending=False, kind="stable").reset_index(drop=True)
+
+
+def base_metric(metric: str) -> str | None:
+    """The base model's counterpart of a test metric (test/accuracy -> base/test_accuracy); val/* has none."""
+    prefix, name = metric.split("/")
+    return f"base/test_{name}" if prefix == "test" else None
+
+
+def format_metric(value) -> str:
+    return "-" if pd.isna(value) else f"{value:.3f}"
+
+
+def format_p(p) -> str:
+    return "-" if pd.isna(p) else f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    def clean(cell):
+        return str(cell).replace("|", "\\|").replace("\n", " ")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(clean(cell) for cell in row) + " |" for row in rows] + [""]
+
+
+# --- report.md sections -----------------------------------------------------------------------------------------
+
+def header(root: Path, table: pd.DataFrame, metric: str, shown: list[str], follows: dict[str, str],
+           names: dict[str, str]) -> list[str]:
+    counts = table["status"].value_counts()
+    described = ", ".join(f"`{key}` ({names[key]})" for key in shown) or "none (all runs share one config)"
+    if follows:
+        described += "; changing in step with one of those: " + ", ".join(
+            f"`{key}` (with {names[twin]})" for key, twin in follows.items())
+    return [f"# Run comparison: `{root}`", "",
+            (f"{len(table)} runs ({counts.get('completed', 0)} completed / {counts.get('failed', 0)} failed / "
+             f"{counts.get('incomplete', 0)} incomplete) · metric `{metric}` (higher is better)"), "",
+            f"Varying parameters: {described}. Full values per run: results.csv.", ""]
+
+
+def ranking_section(ranked: pd.DataFrame, shown: list[str], names: dict[str, str], metric: str) -> list[str]:
+    base = base_metric(metric)
+    columns = ["#", "run", *(names[key] for key in shown), metric] + ([base] if base else [])
+    columns.append("McNemar p (base vs tuned)")
+    rows = [[rank, row["run"], *(params.format_value(row[key]) for key in shown), format_metric(row[metric]),
+             *([format_metric(row[base])] if base else []), format_p(row["mcnemar_p_base_vs_tuned"])]
+            for rank, (_, row) in enumerate(ranked.iterrows(), start=1)]
+    return [f"## Runs ranked by {metric}", ""] + (markdown_table(columns, rows) if rows else ["No completed run.", ""])
+
+
+def seeds_section(groups: pd.DataFrame, keys: list[str], names: dict[str, str], metric: str) -> list[str]:
+    if groups.empty:
+        return []
+    rows = [[*([params.format_value(group[key]) for key in keys] or ["all runs"]), group["n"],
+             f"{group['mean']:.3f} ± {format_metric(group['std'])}"] for _, group in groups.iterrows()]
+    header = [*([names[key] for key in keys] or ["config"]), "n", f"{metric} mean ± std"]
+    return [f"## Mean ± std over seeds ({metric}; sample std, ddof=1)", ""] + markdown_table(header, rows)
+
+
+def paired_section(groups: pd.DataFrame, runs_by_name: dict[str, Run], factors: list[str],
+                   names: dict[str, str]) -> list[str]:
+    if len(groups) < 2:
+        return []
+    return ["## Best config vs runner-up", "", paired_comparison(groups.iloc[0], groups.iloc[1], runs_by_name,
+                                                                 factors, names), ""]
+
+
+def paired_comparison(best: pd.Series, runner_up: pd.Series, runs_by_name: dict[str, Run], factors: list[str],
+                      names: dict[str, str]) -> str:
+    """McNemar on the two configs' tuned predictions, only where both were scored on the same test rows: with
+    several seeds each, the smallest seed they share (the split follows the seed, so other pairs differ in rows)."""
+    best_config, runner_up_config = (params.describe(group, factors, names) for group in (best, runner_up))
+    title = f"Best config ({best_config}) vs runner-up ({runner_up_config})"
+    by_seed = [{runs_by_name[name].config.get("seed"): runs_by_name[name] for name in group["runs"]}
+               for group in (best, runner_up)]
+    shared = sorted(set(by_seed[0]) & set(by_seed[1]), key=lambda seed: (seed is None, str(seed).zfill(20)))
+    if not shared:
+        return f"{title}: no paired test possible, they share no seed and so were not scored on the same test rows."
+    seed = shared[0]
+    run_a, run_b = by_seed[0][seed], by_seed[1][seed]
+    if run_a.tuned_correct is None or run_b.tuned_correct is None:
+        return f"{title}: no paired test possible, predictions.jsonl is missing ({run_a.name}, {run_b.name})."
+    if run_a.tuned_correct.keys() != run_b.tuned_correct.keys():
+        return f"{title}: no paired test possible, {run_a.name} and {run_b.name} were scored on different test ids."
+    b, c = discordant_counts(run_a.tuned_correct, run_b.tuned_correct)
+    p = mcnemar_exact(b, c)
+    verdict = "significant" if p < SIGNIFICANCE_LEVEL else "not significant"
+    on_seed = f"seed {seed}, " if seed is not None else ""
+    return (f"{title}, {on_seed}same {len(run_a.tuned_correct)} test rows ({run_a.name} vs {run_b.name}): best right "
+            f"and runner-up wrong on {b} rows, the opposite on {c}; McNemar exact p = {format_p(p)}: the difference "
+            f"is **{verdict}** at {SIGNIFICANCE_LEVEL}.")
+
+
+def problems_section(table: pd.DataFrame) -> list[str]:
+    problems = table[table["status"] != "completed"]
+    rows = [[row["run"], row["status"], row["error"] or "-"] for _, row in problems.iterrows()]
+    return ["## Failed and incomplete runs", ""] + (markdown_table(["run", "status", "error"], rows) if rows
+                                                     else ["None.", ""])
+
+
+# --- Figures (each returns its report.md lines: an image link, or a note saying why there is none) ------------------
+
+def heatmap_figure(out_dir: Path, ranked: pd.DataFrame, axes: list[str] | None, names: dict[str, str], metric: str,
+                   factors: list[str]) -> list[str]:
+    if axes is None:
+        return [(f"No heatmap: it needs two varying parameters besides seed, and {len(factors)} vary "
+                 f"({', '.join(factors) or 'none'}); pick two config keys with --axes."), ""]
+    if ranked.empty:
+        return ["No heatmap: no completed run.", ""]
+    grid = figures.heatmap_table(ranked, axes[0], axes[1], metric)
+    figures.plot_heatmap(out_dir / "heatmap.png", grid, names[axes[0]], names[axes[1]], metric)
+    return [f"![{metric} over {names[axes[0]]} × {names[axes[1]]}](heatmap.png)", ""]
+
+
+def confusion_figure(out_dir: Path, ranked: pd.DataFrame, runs_by_name: dict[str, Run], shown: list[str],
+                     names: dict[str, str]) -> list[str]:
+    best = [runs_by_name[name] for name in ranked["run"][:figures.MAX_CONFUSION_PANELS]]
+    if not best:
+        return []
+    panels = [(figures.wrap_title(params.describe(run.config, shown, names) or run.name)
+               + f"\naccuracy {run.summary['results']['tuned']['accuracy']:.3f}",
+               run.summary["results"]["tuned"]["confusion_matrix"]) for run in best]
+    figures.plot_confusion_grid(out_dir / "confusion_matrices.png", panels)
+    left_out = len(ranked) - len(best)
+    note = [f"Confusion matrices of the best {len(best)} runs; {left_out} more left out.", ""] if left_out else []
+    return note + ["![tuned confusion matrices](confusion_matrices.png)", ""]
+
+
+def metric_vs_param_figures(out_dir: Path, ranked: pd.DataFrame, factors: list[str], names: dict[str, str],
+                            metric: str) -> list[str]:
+    numeric = [key for key in factors if params.is_numeric(ranked[key])]
+    if not numeric or ranked.empty:
+        return [("No metric-vs-parameter plot: no numeric parameter (such as method.optimizer.lr or "
+                 "method.lora.r) varies besides seed."), ""]
+    lines = []
+    for key in numeric:
+        name = f"metric_vs_{key}.png"
+        figures.plot_metric_vs_param(out_dir / name, figures.metric_by_value(ranked, key, metric), key, names[key],
+                                     metric)
+        lines += [f"![{metric} vs {names[key]}]({name})", ""]
+    return lines
+
+
+# --- Console ----------------------------------------------------------------------------------------------------
+
+def print_ranking(ranked: pd.DataFrame, shown: list[str], names: dict[str, str], metric: str,
+                  report: Path) -> None:
+    base = base_metric(metric)
+    table = Table(title=f"Runs ranked by {metric}")
+    table.add_column("#", justify="right")
+    table.add_column("run", overflow="fold")
+    table.add_column("params")  # one wrapping column: a sweep over many keys still fits a terminal
+    for column in [metric] + ([base] if base else []):
+        table.add_column(column, justify="right")
+    for rank, (_, row) in enumerate(ranked.head(CONSOLE_ROWS).iterrows(), start=1):
+        table.add_row(str(rank), row["run"], params.describe(row, shown, names) or "-", format_metric(row[metric]),
+                      *([format_metric(row[base])] if base else []))
+    console = Console()
+    console.print(table)
+    if len(ranked) > CONSOLE_ROWS:
+        console.print(f"... and {len(ranked) - CONSOLE_ROWS} more runs in the report")
+    console.print(f"report: {report}", soft_wrap=True)  # one line, whole, for copy and paste
