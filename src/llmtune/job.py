@@ -5,6 +5,7 @@ Every run directory gets `config.yaml` (resolved, secrets masked) and `status.js
 and the next job starts; `failed_jobs` lets the command exit non-zero at the end.
 """
 
+import gc
 import json
 import logging
 import traceback
@@ -44,13 +45,20 @@ def run_job(cfg: DictConfig) -> float | None:
         if not _in_multirun():
             raise  # a UserError becomes one line (report_user_errors); anything else is a bug: show it
         # The traceback goes to the job's log file; the console gets one line and the sweep goes on.
-        log.error("job failed: %s\n%s", message, "" if isinstance(error, UserError) else traceback.format_exc())
+        if isinstance(error, UserError):
+            log.error("job failed: %s", message)
+        else:
+            log.error("job failed: %s\n%s", message, traceback.format_exc())
         failed_jobs.append(f"{run_dir}: {first_line}")
         return None
     except BaseException:  # Ctrl-C, kill: the job did not finish, and the sweep stops too
         _write_status(run_dir, "failed", started, "interrupted")
         finish_wandb(exit_code=1)
         raise
+    finally:
+        # The model, trainer and module reference each other; without a full collection a multirun would hold the
+        # previous job's model while the next one loads (peak RSS of a 2-job Gemma 3 270M grid: 5.6 GiB).
+        gc.collect()
     _write_status(run_dir, "completed", started)
     finish_wandb()
     return value

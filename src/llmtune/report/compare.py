@@ -64,7 +64,7 @@ def main(argv: list[str]) -> None:
     lines += paired_section(groups, runs_by_name, factors, names)
     lines += problems_section(table)
     lines += ["## Figures", ""]
-    lines += heatmap_figure(out_dir, ranked, axes, names, metric, factors)
+    lines += heatmap_figure(out_dir, table, axes, names, metric, factors)
     lines += confusion_figure(out_dir, ranked, runs_by_name, shown, names)
     lines += metric_vs_param_figures(out_dir, ranked, factors, names, metric)
     write_atomic(out_dir / "report.md", "\n".join(lines) + "\n")
@@ -250,14 +250,17 @@ def problems_section(table: pd.DataFrame) -> list[str]:
 
 # --- Figures (each returns its report.md lines: an image link, or a note saying why there is none) ------------------
 
-def heatmap_figure(out_dir: Path, ranked: pd.DataFrame, axes: list[str] | None, names: dict[str, str], metric: str,
+def heatmap_figure(out_dir: Path, table: pd.DataFrame, axes: list[str] | None, names: dict[str, str], metric: str,
                    factors: list[str]) -> list[str]:
+    """Every run's cell is drawn; one whose runs all failed reads "no result" instead of vanishing from the axes."""
+    ranked = table[(table["status"] == "completed") & table[metric].notna()]
     if axes is None:
         return [(f"No heatmap: it needs two varying parameters besides seed, and {len(factors)} vary "
                  f"({', '.join(factors) or 'none'}); pick two config keys with --axes."), ""]
     if ranked.empty:
         return ["No heatmap: no completed run.", ""]
-    grid = figures.heatmap_table(ranked, axes[0], axes[1], metric)
+    grid = figures.heatmap_table(table.assign(**{metric: table[metric].where(table["status"] == "completed")}),
+                                 axes[0], axes[1], metric)
     figures.plot_heatmap(out_dir / "heatmap.png", grid, names[axes[0]], names[axes[1]], metric)
     return [f"![{metric} over {names[axes[0]]} × {names[axes[1]]}](heatmap.png)", ""]
 

@@ -36,10 +36,12 @@ def ordered_levels(values: pd.Series) -> pd.Categorical:
 
 
 def heatmap_table(table: pd.DataFrame, row_key: str, column_key: str, metric: str) -> pd.DataFrame:
-    """The metric's mean for each (row value, column value) pair, over every other parameter and seed."""
+    """The metric's mean for each (row value, column value) pair, over every other parameter and seed; NaN where
+    no run of that pair produced the metric (the pair still gets its row and column, e.g. when all its jobs failed)."""
     cells = pd.DataFrame({"row": ordered_levels(table[row_key]), "column": ordered_levels(table[column_key]),
                           "value": table[metric].to_numpy()})
-    return cells.pivot_table(index="row", columns="column", values="value", aggfunc="mean", observed=False)
+    return cells.pivot_table(index="row", columns="column", values="value", aggfunc="mean", observed=False,
+                             dropna=False)
 
 
 def plot_heatmap(path: Path, grid: pd.DataFrame, row_label: str, column_label: str, metric: str) -> None:
@@ -50,7 +52,7 @@ def plot_heatmap(path: Path, grid: pd.DataFrame, row_label: str, column_label: s
     for (row, column), value in np.ndenumerate(values):
         # Dark text on the bright (high) end of viridis and on empty (white) cells, white text on the dark end.
         dark_text = math.isnan(value) or (high > low and (value - low) / (high - low) > 0.6)
-        axis.text(column, row, "no run" if math.isnan(value) else f"{value:.3f}", ha="center", va="center",
+        axis.text(column, row, "no result" if math.isnan(value) else f"{value:.3f}", ha="center", va="center",
                   color="black" if dark_text else "white", fontsize=11)
     axis.set_xticks(range(values.shape[1]), [str(label) for label in grid.columns],
                     rotation=30 if max(map(len, map(str, grid.columns))) > 8 else 0, ha="right")
