@@ -329,3 +329,17 @@ def test_flatten_config_and_names():
     table = pd.DataFrame({"model.name": ["a", "b", "a"], "model.hub_id": ["x", None, "x"], "seed": [1, 2, 1]})
     assert distinct_params(table, ["model.name", "model.hub_id", "seed"]) == (["model.name", "seed"],
                                                                               {"model.hub_id": "model.name"})
+
+
+def test_a_sweep_folder_is_ranked_by_its_own_metric_with_the_test_score_beside_it(tmp_path):
+    root = tmp_path / "sweep"
+    root.mkdir()
+    (root / "sweep.json").write_text(json.dumps({"metric": {"name": "val/accuracy", "goal": "maximize"}}))
+    fabricate_run(root / "00_lr=0.0001", {"method.optimizer.lr": 1e-4}, wrong=wrong_rows(4), base_wrong=set())
+    fabricate_run(root / "01_lr=0.001", {"method.optimizer.lr": 1e-3}, wrong=wrong_rows(2), base_wrong=set())
+    main([str(root)])
+    ranking = section((root / "report.md").read_text(), "Runs ranked by val/accuracy")
+    header = next(line for line in ranking.splitlines() if line.startswith("| #"))
+    assert header.split(" | ")[-4:] == ["val/accuracy", "test/accuracy", "base/test_accuracy",
+                                        "McNemar p (base vs tuned) |"]
+    assert "| 1.000 | 0.800 | 1.000 |" in ranking and "| 1.000 | 0.900 | 1.000 |" in ranking

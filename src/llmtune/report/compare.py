@@ -5,6 +5,7 @@ Writes results.csv (one row per run), report.md and its figures into DIR (or --o
 
 import argparse
 import difflib
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -25,8 +26,8 @@ CONSOLE_ROWS = 20
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="llmtune report", description=__doc__.splitlines()[0])
     parser.add_argument("dir", type=Path, help="a run folder, a Hydra multirun or sweep folder, or outputs/")
-    parser.add_argument("--metric", default="test/accuracy", help=f"rank by this metric, higher is better: "
-                                                                  f"{', '.join(FINAL_METRICS)} (default: %(default)s)")
+    parser.add_argument("--metric", help=f"rank by this metric, higher is better: {', '.join(FINAL_METRICS)} "
+                                         f"(default: a sweep's own metric from its sweep.json, else test/accuracy)")
     parser.add_argument("--axes", help="two config keys for the heatmap, e.g. model.name,method.lora.r "
                                        "(default: the first two varying parameters other than seed)")
     parser.add_argument("--out", type=Path, help="folder for the report (default: DIR)")
@@ -35,7 +36,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
-    root, metric = args.dir, args.metric
+    root, metric = args.dir, args.metric or sweep_metric(args.dir) or "test/accuracy"
     if metric not in FINAL_METRICS:
         raise UserError(f"unknown metric {metric!r}; pass --metric with one of: {', '.join(FINAL_METRICS)}")
     runs = load_runs(root)
@@ -82,6 +83,14 @@ def load_runs(root: Path) -> list[Run]:
         raise UserError(f"no runs under {root} (no folder there has {' or '.join(RUN_MARKERS)}); pass the folder "
                         f"that a run, a multirun (-m) or `llmtune sweep` wrote, e.g. outputs/")
     return runs
+
+
+def sweep_metric(root: Path) -> str | None:
+    """The metric an `llmtune sweep` folder optimised (its sweep.json), so its report ranks trials the same way."""
+    try:
+        return json.loads((root / "sweep.json").read_text(encoding="utf-8"))["metric"]["name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def check_metric_logged(runs: list[Run], metric: str, root: Path) -> None:
@@ -153,9 +162,15 @@ def config_groups(ranked: pd.DataFrame, keys: list[str], metric: str) -> pd.Data
 
 
 def base_metric(metric: str) -> str | None:
-    """The base model's counterpart of a test metric (test/accuracy -> base/test_accuracy); val/* has none."""
+    """The base model's test counterpart of a tuned metric (test/accuracy or val/accuracy -> base/test_accuracy)."""
     prefix, name = metric.split("/")
-    return f"base/test_{name}" if prefix == "test" else None
+    return f"base/test_{name}" if prefix in ("test", "val") else None
+
+
+def companion_metrics(metric: str) -> list[str]:
+    """Columns shown beside the ranking metric: ranked on val/*, the test score is the honest estimate to read."""
+    prefix, name = metric.split("/")
+    return ([f"test/{name}"] if prefix == "val" else []) + ([base_metric(metric)] if base_metric(metric) else [])
 
 
 def format_metric(value) -> str:
@@ -189,11 +204,10 @@ def header(root: Path, table: pd.DataFrame, metric: str, shown: list[str], follo
 
 
 def ranking_section(ranked: pd.DataFrame, shown: list[str], names: dict[str, str], metric: str) -> list[str]:
-    base = base_metric(metric)
-    columns = ["#", "run", *(names[key] for key in shown), metric] + ([base] if base else [])
-    columns.append("McNemar p (base vs tuned)")
+    companions = companion_metrics(metric)
+    columns = ["#", "run", *(names[key] for key in shown), metric, *companions, "McNemar p (base vs tuned)"]
     rows = [[rank, row["run"], *(params.format_value(row[key]) for key in shown), format_metric(row[metric]),
-             *([format_metric(row[base])] if base else []), format_p(row["mcnemar_p_base_vs_tuned"])]
+             *(format_metric(row[name]) for name in companions), format_p(row["mcnemar_p_base_vs_tuned"])]
             for rank, (_, row) in enumerate(ranked.iterrows(), start=1)]
     return [f"## Runs ranked by {metric}", ""] + (markdown_table(columns, rows) if rows else ["No completed run.", ""])
 
@@ -298,16 +312,16 @@ def metric_vs_param_figures(out_dir: Path, ranked: pd.DataFrame, factors: list[s
 
 def print_ranking(ranked: pd.DataFrame, shown: list[str], names: dict[str, str], metric: str,
                   report: Path) -> None:
-    base = base_metric(metric)
+    companions = companion_metrics(metric)
     table = Table(title=f"Runs ranked by {metric}")
     table.add_column("#", justify="right")
     table.add_column("run", overflow="fold")
     table.add_column("params")  # one wrapping column: a sweep over many keys still fits a terminal
-    for column in [metric] + ([base] if base else []):
+    for column in [metric, *companions]:
         table.add_column(column, justify="right")
     for rank, (_, row) in enumerate(ranked.head(CONSOLE_ROWS).iterrows(), start=1):
         table.add_row(str(rank), row["run"], params.describe(row, shown, names) or "-", format_metric(row[metric]),
-                      *([format_metric(row[base])] if base else []))
+                      *(format_metric(row[name]) for name in companions))
     console = Console()
     console.print(table)
     if len(ranked) > CONSOLE_ROWS:
