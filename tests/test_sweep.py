@@ -225,7 +225,7 @@ def test_all_trials_failing_exits_1_with_the_summary(tmp_path, monkeypatch, caps
         sweep.main([str(GRID), "--count", "2", "--dir", str(tmp_path), "logger=csv"])
     assert exit_.value.code == 1
     out = capsys.readouterr().out
-    assert "trial 1/2: method.lora.r=" in out and "all 2 trials failed" in out and f"llmtune report {tmp_path}" in out
+    assert "trial 0 (1/2): method.lora.r=" in out and "all 2 trials failed" in out and f"llmtune report {tmp_path}" in out
 
 
 def test_real_tiny_sweep_end_to_end(tmp_path, cache_dir):

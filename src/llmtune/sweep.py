@@ -347,7 +347,7 @@ def run_sweep(spec: SweepSpec, count: int, sweep_dir: Path, overrides: list[str]
         params = {p.name: p.pick(trial.params) for p in spec.parameters}
         swept = {name: params[name] for name in spec.swept}
         trial_dir = (sweep_dir / trial_dir_name(number, swept, width)).resolve()
-        _say(console, f"trial {number + 1}/{count}: {' '.join(as_overrides(swept))}", style="bold")
+        _say(console, f"trial {number} ({number + 1}/{count}): {' '.join(as_overrides(swept))}", style="bold")
         args = merge_overrides(spec.fixed_args, as_overrides(params), overrides)
         started = time.perf_counter()
         returncode = launch([*args, f"hydra.run.dir={hydra_value(str(trial_dir))}"])
@@ -356,7 +356,7 @@ def run_sweep(spec: SweepSpec, count: int, sweep_dir: Path, overrides: list[str]
             study.tell(trial, value)
         else:
             study.tell(trial, state=TrialState.FAIL)
-            _say(console, f"trial {number + 1}/{count} failed: {error}", style="red")
+            _say(console, f"trial {number} ({number + 1}/{count}) failed: {error}", style="red")
         record["trials"].append({
             "number": number, "params": params, "dir": trial_dir.name,
             "status": "completed" if error is None else "failed", "value": value, "error": error,

@@ -64,15 +64,15 @@ def comparison_rows(results: dict) -> list[tuple[str, str, str]]:
 def write_report(run_dir: Path, summary: dict, figures: list[str]) -> None:
     run, results, timing = summary["run"], summary["results"], summary["timing_s"]
     lines = [f"# {run['model']} · {run['method']} · rag={run['rag']} · {run['dataset']}", "",
-             f"Train {run['n_train']} / val {run['n_val']} / test {run['n_test']} rows (seed {run['seed']}); "
+             (f"Train {run['n_train']} / val {run['n_val']} / test {run['n_test']} rows (seed {run['seed']}); "
              f"LoRA r={run['lora']['r']} alpha={run['lora']['lora_alpha']} on {run['lora']['target_modules']}; "
              f"{summary['train']['epochs']} epoch(s), {summary['train']['steps']} steps, "
-             f"{summary['train']['tokens_per_s']:.0f} train tokens/s.", "",
+             f"{summary['train']['tokens_per_s']:.0f} train tokens/s."), "",
              "| metric | base | tuned |", "|---|---|---|"]
     lines += [f"| {m} | {b} | {t} |" for m, b, t in comparison_rows(results)]
     if "val" in results:
-        lines += ["", f"Validation (tuned, n={results['val']['n']}): accuracy {results['val']['accuracy']:.3f}, "
-                      f"macro-F1 {results['val']['macro_f1']:.3f}."]
+        lines += ["", (f"Validation (tuned, n={results['val']['n']}): accuracy {results['val']['accuracy']:.3f}, "
+                      f"macro-F1 {results['val']['macro_f1']:.3f}.")]
     tuned = results["tuned"]
     lines += ["", "Per label (tuned):", "", "| label | precision | recall | f1 | support |", "|---|---|---|---|---|"]
     lines += [f"| {label} | {v['precision']:.3f} | {v['recall']:.3f} | {v['f1']:.3f} | {v['support']} |"
