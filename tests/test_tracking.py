@@ -94,3 +94,23 @@ def test_multirun_records_a_failed_job_and_finishes_the_others_with_offline_wand
 def test_every_logger_config_composes_with_a_run_directory(config, tmp_path):
     cfg = compose_config([f"logger={config}"], tmp_path)
     assert cfg.logger._target_ and str(tmp_path) in cfg.logger.save_dir
+
+
+def test_wandb_with_a_key_but_no_server_falls_back_to_offline(tmp_path, cache_dir):
+    key = "0123456789abcdef0123456789abcdef01234567"
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") and k != "HYDRA_FULL_ERROR"}
+    # Port 9 (discard) on loopback: nothing listens, so the online start fails as it would without a network.
+    env.update(HOME=str(home), LLMTUNE_CACHE=str(cache_dir), HF_HUB_OFFLINE="1", WANDB_API_KEY=key,
+               WANDB_BASE_URL="http://127.0.0.1:9")
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "llmtune", *SMALL, "logger=wandb", "logger.init_timeout=5", f"hydra.run.dir={run_dir}"],
+        check=False, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "W&B online start failed" in result.stderr and "logging offline instead" in result.stderr
+    assert len(list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))) == 1
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"
+    assert [p for p in tmp_path.rglob("*") if p.is_file() and key.encode() in p.read_bytes()] == []
