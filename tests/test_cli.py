@@ -13,7 +13,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def llmtune(args: list[str], run_dir: Path, cache_dir: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "LLMTUNE_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1"}
+    # An empty HF cache: a seed model must not be found there, whatever this machine has downloaded.
+    env = {**os.environ, "LLMTUNE_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1",
+           "HF_HUB_CACHE": str(cache_dir / "empty-hf-cache")}
     env.pop("HYDRA_FULL_ERROR", None)
     return subprocess.run([sys.executable, "-m", "llmtune", *args, f"hydra.run.dir={run_dir}"],
                           check=False, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
@@ -70,6 +72,8 @@ def write(path: Path, text: str) -> Path:
     ("unknown label", ["dataset=financial_phrasebank", "dataset.path={bullish}"], "label 'bullish', which is not"),
     ("model not available offline", ["model=tiny", "model.build=null", "model.hub_id=acme/no-such-model"],
      "model 'acme/no-such-model' is not in the Hugging Face cache"),
+    ("seed model not downloaded", ["model=llama3_8b"],
+     "model 'meta-llama/Meta-Llama-3-8B-Instruct' is not in the Hugging Face cache"),
     ("misspelled key", ["trainer.max_epoch=1"], "did you mean 'trainer.max_epochs'"),
     ("misspelled option", ["method=instrcut"], "did you mean 'instruct'"),
 ])

@@ -1,5 +1,6 @@
 """Where the configs live, the resolvers they use, and the checks that need no model or data."""
 
+import importlib.util
 from pathlib import Path
 
 import torch
@@ -24,12 +25,21 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.rag and cfg.retriever.name == "none":
         problems.append("rag=true needs a retriever, but retriever=none is the only one available in this version; "
                         "run with rag=false")
-    if cfg.method.loss_on not in ("answer", "all"):
+    if cfg.method.get("head", "lm") not in ("lm", "classifier"):
+        problems.append(f"method.head={cfg.method.head!r} must be 'lm' (label scoring) or 'classifier' (a new head)")
+    if cfg.method.get("loss_on", "answer") not in ("answer", "all"):
         problems.append(f"method.loss_on={cfg.method.loss_on!r} must be 'answer' or 'all'")
     if not isinstance(getattr(torch, str(cfg.model.dtype), None), torch.dtype):
         problems.append(f"model.dtype={cfg.model.dtype!r} is not a torch dtype; use bfloat16, float16 or float32")
     if len(set(cfg.dataset.labels)) < 2:
         problems.append("dataset.labels needs at least two distinct labels")
+    optimizers = ("adamw", "paged_adamw_8bit", "paged_adamw_32bit")  # see training.module.make_optimizer
+    if cfg.method.get("optimizer") and cfg.method.optimizer.get("name", "adamw") not in optimizers:
+        problems.append(f"method.optimizer.name={cfg.method.optimizer.name!r} is not known; use one of "
+                        f"{', '.join(optimizers)}")
+    if cfg.method.get("quantization") and importlib.util.find_spec("bitsandbytes") is None:
+        problems.append(f"method={cfg.method.name} quantises the base with bitsandbytes, which is not installed; "
+                        "pip install bitsandbytes")
     for key in ("trainer.batch_size", "eval.batch_size"):
         if OmegaConf.select(cfg, key) < 1:
             problems.append(f"{key} must be at least 1")
@@ -49,7 +59,7 @@ def check_overrides(args: list[str]) -> None:
         parsed = OverridesParser.create().parse_overrides([a for a in args if "=" in a and not a.startswith("-")])
     except Exception:
         return  # a syntax error: Hydra reports it with the position of the problem
-    groups = {p.name: sorted(f.stem for f in p.glob("*.yaml")) for p in Path(CONFIG_DIR).iterdir() if p.is_dir()}
+    groups = {name: sorted(f.stem for f in (Path(CONFIG_DIR) / name).glob("*.yaml")) for name in _root_groups()}
     group_choices, keys = [], []
     for override in parsed:
         name = override.key_or_group
@@ -77,6 +87,14 @@ def check_overrides(args: list[str]) -> None:
         if leaf not in siblings:  # keys(), unlike `in`, also lists keys whose value is still ??? (required)
             hint = _did_you_mean(leaf, siblings, prefix=f"{parent}." if parent else "")
             raise UserError(f"unknown config key '{key}'{hint}; to add a new key on purpose use +{key}=...")
+
+
+def _root_groups() -> list[str]:
+    """The groups train.yaml's defaults list selects (model, method, ...); conf/prompt/ is picked by model files."""
+    import yaml
+
+    defaults = yaml.safe_load((Path(CONFIG_DIR) / "train.yaml").read_text(encoding="utf-8"))["defaults"]
+    return [next(iter(entry)) for entry in defaults if isinstance(entry, dict)]
 
 
 def _did_you_mean(word: str, candidates: list[str], prefix: str = "") -> str:

@@ -1,11 +1,18 @@
 """Turn rows into token sequences: the model file gives the prompt format, the method decides where the loss goes."""
 
-from dataclasses import dataclass
+import random
+from dataclasses import dataclass, replace
 
 import torch
 from omegaconf import DictConfig
 
+from llmtune.errors import UserError
+
 IGNORE_INDEX = -100  # label value that PyTorch's cross-entropy (and our masks) skip
+DEMONSTRATION_TEMPLATE = "Text: {input}\nAnswer: {answer}"
+# Stand-ins for the instruction and the input while a chat template renders: Jinja passes them through untouched, and
+# no real text contains a NUL character.
+_INSTRUCTION, _INPUT = "\x00instruction\x00", "\x00input\x00"
 
 
 @dataclass(frozen=True)
@@ -15,14 +22,65 @@ class PromptFormat:
     answer_template: str  # uses {answer}
 
     @classmethod
-    def from_config(cls, model_cfg: DictConfig, dataset_cfg: DictConfig) -> "PromptFormat":
-        return cls(dataset_cfg.instruction, model_cfg.prompt_template, model_cfg.answer_template)
+    def from_config(cls, model_cfg: DictConfig, dataset_cfg: DictConfig, tokenizer=None) -> "PromptFormat":
+        """The model family's templates (conf/prompt/); with model.use_chat_template and a tokenizer that has a chat
+        template, that template renders the prompt instead. The answer template always comes from the config: it
+        closes the assistant's turn, which a chat template rendering the generation prompt does not write."""
+        prompt_template = model_cfg.prompt_template
+        if model_cfg.get("use_chat_template", False) and getattr(tokenizer, "chat_template", None):
+            prompt_template = chat_prompt_template(tokenizer)
+        return cls(dataset_cfg.instruction, prompt_template, model_cfg.answer_template)
 
     def prompt(self, text: str) -> str:
         return self.prompt_template.format(instruction=self.instruction, input=text)
 
     def answer(self, label: str) -> str:
         return self.answer_template.format(answer=label)
+
+
+def chat_prompt_template(tokenizer) -> str:
+    """The tokenizer's chat template as a prompt template: one user turn (instruction, blank line, input), then the
+    opening of the assistant's turn.
+
+    It is rendered once with stand-ins, so every row gets the same template and str.format fills it in. A leading BOS
+    text is dropped when the tokenizer adds BOS itself on encoding (Gemma, Llama, Mistral), since the prompt would
+    otherwise start with two; a tokenizer that adds none (Phi-3) keeps the BOS the template writes, if any.
+    """
+    messages = [{"role": "user", "content": f"{_INSTRUCTION}\n\n{_INPUT}"}]
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    bos = tokenizer.bos_token
+    if bos and rendered.startswith(bos) and _adds_bos(tokenizer):
+        rendered = rendered[len(bos):]
+    escaped = rendered.replace("{", "{{").replace("}", "}}")  # literal braces survive str.format
+    return escaped.replace(_INSTRUCTION, "{instruction}").replace(_INPUT, "{input}")
+
+
+def _adds_bos(tokenizer) -> bool:
+    return tokenizer.bos_token_id is not None and tokenizer("a").input_ids[:1] == [tokenizer.bos_token_id]
+
+
+def with_demonstrations(prompt_format: PromptFormat, rows: list[dict], labels: list[str], shots_per_label: int,
+                        seed: int, template: str = DEMONSTRATION_TEMPLATE) -> PromptFormat:
+    """Few-shot: shots_per_label rows of each label, drawn with the seed and shuffled so the labels are not grouped,
+    written with template ({input}, {answer}) after the instruction, a blank line apart.
+
+    The demonstrations belong to the instruction, so every prompt starts with the same long prefix, which scoring
+    computes once and reuses (shared-prefix KV cache).
+    """
+    rng = random.Random(seed)
+    chosen = []
+    for label in labels:
+        candidates = [row for row in rows if row["label"] == label]
+        if len(candidates) < shots_per_label:
+            raise UserError(f"few-shot needs {shots_per_label} training rows labelled '{label}' but the train split "
+                            f"has {len(candidates)}: lower method.demonstrations.shots_per_label or raise "
+                            "dataset.split.train_per_class")
+        chosen += rng.sample(candidates, shots_per_label)
+    if not chosen:  # zero shots: the zero-shot prompt as it was
+        return prompt_format
+    rng.shuffle(chosen)
+    demonstrations = [template.format(input=row["text"], answer=row["label"]) for row in chosen]
+    return replace(prompt_format, instruction="\n\n".join([prompt_format.instruction, *demonstrations]))
 
 
 def encode_example(tokenizer, prompt: str, answer: str, loss_on: str) -> dict[str, list[int]]:

