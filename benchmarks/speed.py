@@ -7,7 +7,7 @@ generate-and-parse vs llmtune's label scoring, against the machine's measured bf
 
 Every arm runs in its own fresh process (os.wait4 gives that process's own peak RSS); the parent prints a table and
 writes benchmarks/results/speed.{json,md}. The llmtune arms call the product's own code (encode_rows, make_loaders,
-LoraFineTuner, make_trainer, label_log_likelihoods), not a loop written for the benchmark.
+FineTuner, make_trainer, label_log_likelihoods), not a loop written for the benchmark.
 """
 
 import argparse
@@ -94,7 +94,7 @@ def arm_llmtune_train(args):
     from llmtune.data.prompts import batch_tokens
     from llmtune.models.loader import load_base_model
     from llmtune.models.lora import add_lora
-    from llmtune.training.module import LoraFineTuner
+    from llmtune.training.module import FineTuner
     from llmtune.training.setup import encode_rows, make_loaders, make_trainer
 
     cfg, model_dir, train_rows, _ = inputs(args)
@@ -120,14 +120,14 @@ def arm_llmtune_train(args):
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = make_trainer(cfg.trainer, Path(run_dir), logger=False, callbacks=[timer], max_steps=args.steps,
                                max_epochs=-1, enable_checkpointing=False, enable_progress_bar=False)
-        trainer.fit(LoraFineTuner(model, **OmegaConf.to_container(cfg.method.optimizer)), train_loader)
+        trainer.fit(FineTuner(model, **OmegaConf.to_container(cfg.method.optimizer)), train_loader)
     timed_s, timed_tok = timer.seconds[WARMUP_STEPS:], timer.tokens[WARMUP_STEPS:]
     embedding = model.get_input_embeddings().weight.numel()
     frozen_non_embedding = sum(p.numel() for p in model.parameters() if not p.requires_grad) - embedding
     return {"tokens_per_s": sum(timed_tok) / sum(timed_s), "s_per_step": statistics.median(timed_s),
             "steps": len(timer.seconds), "tokens": sum(timed_tok), "losses": timer.losses,
             "non_embedding_params": frozen_non_embedding, "threads": torch.get_num_threads(),
-            "setting": "llmtune LoraFineTuner + Lightning Trainer as `python -m llmtune` builds them"}
+            "setting": "llmtune FineTuner + Lightning Trainer as `python -m llmtune` builds them"}
 
 
 def arm_generate(args):

@@ -1,6 +1,7 @@
 """One run, top to bottom: data -> model -> base score -> fit -> tuned score -> outputs."""
 
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import lightning as L
@@ -8,16 +9,17 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
+from llmtune.classifier import classifier_loaders, classify_with_head, encode_texts, head_loss, load_classifier
 from llmtune.config import check_config
 from llmtune.data.loading import load_rows, split_per_class
-from llmtune.data.prompts import PromptFormat
+from llmtune.data.prompts import PromptFormat, with_demonstrations
 from llmtune.evaluation.metrics import classification_metrics
 from llmtune.evaluation.scoring import classify
 from llmtune.models.loader import load_base_model, prepare_model_dir
 from llmtune.models.lora import add_lora, lora_settings
 from llmtune.report import outputs
 from llmtune.tracking import final_metrics, public_config
-from llmtune.training.module import LoraFineTuner
+from llmtune.training.module import FineTuner, next_token_loss
 from llmtune.training.setup import encode_rows, make_loaders, make_trainer
 
 
@@ -25,74 +27,107 @@ def run(cfg: DictConfig) -> float:
     started = time.perf_counter()
     check_config(cfg)
     run_dir = Path(cfg.paths.output_dir)
-    L.seed_everything(cfg.seed, verbose=False)  # data order, LoRA init and dropout all follow the seed
-    labels = list(cfg.dataset.labels)
+    L.seed_everything(cfg.seed, verbose=False)  # data split, demonstrations, LoRA init and order follow the seed
+    labels, method = list(cfg.dataset.labels), cfg.method
 
-    # Data: rows -> stratified seeded split -> prompts (model's format) -> tokens (method decides the loss mask).
+    # Data: rows -> stratified seeded split.
     splits = split_per_class(load_rows(cfg.dataset), labels, cfg.dataset.split, cfg.seed)
-    prompt_format = PromptFormat.from_config(cfg.model, cfg.dataset)
 
-    # Model: local files (converted once from GGUF, or built) -> frozen base -> LoRA adapters.
-    tokenizer, base_model = load_base_model(prepare_model_dir(cfg.model, cfg.paths.cache_dir), cfg.model)
-    model = add_lora(base_model, cfg.model, cfg.method)
-    model.print_trainable_parameters()
+    # Model: local files (converted once from GGUF, built, or from the HF cache) -> the method's trainable model:
+    # LoRA on a frozen base (4-bit for qlora), the bare base (prompting baselines), or a new classification head.
+    model_dir = prepare_model_dir(cfg.model, cfg.paths.cache_dir)
+    if method.head == "classifier":
+        tokenizer, model = load_classifier(cfg.model, method, labels, model_dir)
+    else:
+        tokenizer, model = load_base_model(model_dir, cfg.model, method.quantization)
+        model = add_lora(model, cfg.model, method) if method.train else model
+        if method.train:
+            model.print_trainable_parameters()
+    # Prompts in the model family's format; fewshot puts labelled training rows in front of every test row.
+    zero_shot = PromptFormat.from_config(cfg.model, cfg.dataset, tokenizer)
+    prompts = (with_demonstrations(zero_shot, splits["train"], labels, seed=cfg.seed, **method.demonstrations)
+               if method.demonstrations else zero_shot)
     timing = {"prepare": time.perf_counter() - started}
 
-    def score(desc, split="test"):
+    def score(desc, split="test", prompt_format=prompts):
+        if method.head == "classifier":  # the head reads the raw text: no prompt
+            return classify_with_head(model, tokenizer, splits[split], labels, cfg.eval.batch_size,
+                                      method.max_length, desc)
         return classify(model, tokenizer, splits[split], prompt_format, labels, cfg.eval.batch_size, desc)
 
-    results, base_predictions = {}, None
-    if cfg.eval.baseline:
+    # Base: the untuned model, zero-shot (with LoRA attached, the adapter is switched off). A new classification
+    # head has no untuned answer to compare with: its base column stays empty.
+    predictions = {}
+    if cfg.eval.baseline and method.head == "lm":
         tick = time.perf_counter()
-        with model.disable_adapter():
-            base_predictions = score("scoring base model")
-        results["base"] = _metrics(base_predictions, labels)
+        with model.disable_adapter() if method.train else nullcontext():
+            predictions["base"] = score("scoring base model", prompt_format=zero_shot)
         timing["eval_base"] = time.perf_counter() - tick
 
-    # Fit: one LightningModule for every method; checkpoints keep the adapter weights only.
-    train_loader, val_loader = make_loaders(
-        encode_rows(splits["train"], tokenizer, prompt_format, cfg.method.loss_on),
-        encode_rows(splits["val"], tokenizer, prompt_format, cfg.method.loss_on),
-        cfg.trainer, tokenizer.pad_token_id, cfg.seed)
-    module = LoraFineTuner(model, **OmegaConf.to_container(cfg.method.optimizer, resolve=True))
     logger = instantiate(cfg.logger)
     logger.log_hyperparams(public_config(cfg))  # secrets masked; W&B shows it as the run's config
-    trainer = make_trainer(cfg.trainer, run_dir, logger,
-                           [ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last")])
-    tick = time.perf_counter()
-    trainer.fit(module, train_loader, val_loader)
-    timing["train"] = time.perf_counter() - tick
+    training = {"epochs": 0, "steps": 0, "tokens": 0, "tokens_per_s": 0.0}
+    if method.train:  # one LightningModule for every method; checkpoints keep the adapter weights only
+        tick = time.perf_counter()
+        training = fit(cfg, model, tokenizer, prompts, splits, logger, run_dir)
+        timing["train"] = time.perf_counter() - tick
+        training["tokens_per_s"] = training["tokens"] / timing["train"]
 
-    # Validation accuracy is what sweeps optimise: picking hyper-parameters on test would flatter the test score.
+    # Method's model on val (what sweeps optimise: tuning on test would flatter it) and test. Zero-shot is the base.
     tick = time.perf_counter()
-    if splits["val"]:
-        results["val"] = _metrics(score("scoring tuned model (val)", "val"), labels)
-    tuned_predictions = score("scoring tuned model")
-    results["tuned"] = _metrics(tuned_predictions, labels)
+    results = {"val": _metrics(score(f"scoring {method.name} (val)", "val"), labels)} if splits["val"] else {}
+    same_as_base = not method.train and not method.demonstrations and "base" in predictions
+    predictions["tuned"] = predictions["base"] if same_as_base else score(f"scoring {method.name}")
+    results.update({name: _metrics(rows, labels) for name, rows in predictions.items()})
     timing["eval_tuned"] = time.perf_counter() - tick
     logged = final_metrics(results)
-    logger.log_metrics(logged, step=trainer.global_step)
+    logger.log_metrics(logged, step=training["steps"])
     logger.save()
 
-    # Write: adapter (loads with PeftModel.from_pretrained), predictions, metrics, report, plot, console table.
-    model.save_pretrained(run_dir / "adapter")
+    # Write: adapter (loads with PeftModel.from_pretrained) or, fully fine-tuned, the whole model; predictions,
+    # metrics, report, plot, console table.
+    full = method.get("full_finetune", False)
+    if method.train:
+        model.save_pretrained(run_dir / ("model" if full else "adapter"))
+        if full:
+            tokenizer.save_pretrained(run_dir / "model")
     timing["total"] = time.perf_counter() - started
     summary = {
-        "run": {"model": cfg.model.name, "method": cfg.method.name, "dataset": cfg.dataset.name, "rag": cfg.rag,
-                "seed": cfg.seed, "n_train": len(splits["train"]), "n_val": len(splits["val"]),
-                "n_test": len(splits["test"]), "lora": lora_settings(cfg.model, cfg.method)},
+        "run": {"model": cfg.model.name, "method": method.name, "dataset": cfg.dataset.name, "rag": cfg.rag,
+                "seed": cfg.seed, "trained": bool(method.train), "n_train": len(splits["train"]),
+                "n_val": len(splits["val"]), "n_test": len(splits["test"]),
+                "lora": lora_settings(cfg.model, method) if method.train and not full else None},
         "results": results,
         "logged": logged,
-        "train": {"epochs": trainer.current_epoch, "steps": trainer.global_step, "tokens": module.tokens_seen,
-                  "tokens_per_s": module.tokens_seen / timing["train"]},
+        "train": training,
         "timing_s": {k: round(v, 1) for k, v in timing.items()},
     }
-    outputs.write_predictions(run_dir, tuned_predictions, base_predictions)
-    figures = outputs.plot_confusion(run_dir, results)
+    outputs.write_predictions(run_dir, predictions["tuned"], predictions.get("base"))
+    figures = outputs.plot_confusion(run_dir, results, outputs.method_label(summary["run"]))
     outputs.write_metrics(run_dir, summary)
     outputs.write_report(run_dir, summary, figures)
     outputs.print_summary(summary, run_dir)
     return results["tuned"]["accuracy"]
+
+
+def fit(cfg: DictConfig, model, tokenizer, prompts: PromptFormat, splits: dict, logger, run_dir: Path) -> dict:
+    if cfg.method.head == "classifier":  # raw text -> label index, cross-entropy of the head
+        def encode(rows):
+            return encode_texts(rows, tokenizer, list(cfg.dataset.labels), cfg.method.max_length)
+        train_loader, val_loader = classifier_loaders(encode(splits["train"]), encode(splits["val"]), cfg.trainer,
+                                                      tokenizer, cfg.seed)
+        loss = head_loss
+    else:  # prompt + answer tokens, next-token loss where the method puts labels
+        train_loader, val_loader = make_loaders(
+            encode_rows(splits["train"], tokenizer, prompts, cfg.method.loss_on),
+            encode_rows(splits["val"], tokenizer, prompts, cfg.method.loss_on),
+            cfg.trainer, tokenizer.pad_token_id, cfg.seed)
+        loss = next_token_loss
+    module = FineTuner(model, loss=loss, **OmegaConf.to_container(cfg.method.optimizer, resolve=True))
+    trainer = make_trainer(cfg.trainer, run_dir, logger,
+                           [ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last")])
+    trainer.fit(module, train_loader, val_loader)
+    return {"epochs": trainer.current_epoch, "steps": trainer.global_step, "tokens": module.tokens_seen}
 
 
 def _metrics(predictions: list[dict], labels: list[str]) -> dict:

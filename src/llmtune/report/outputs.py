@@ -33,7 +33,7 @@ def write_predictions(run_dir: Path, tuned: list[dict], base: list[dict] | None)
     write_atomic(run_dir / "predictions.jsonl", "\n".join(lines) + "\n")
 
 
-def plot_confusion(run_dir: Path, results: dict) -> list[str]:
+def plot_confusion(run_dir: Path, results: dict, tuned_name: str = "tuned") -> list[str]:
     """One PNG with a confusion matrix per evaluated model (base, tuned), side by side."""
     import matplotlib
 
@@ -47,7 +47,7 @@ def plot_confusion(run_dir: Path, results: dict) -> list[str]:
         matrix = results[name]["confusion_matrix"]
         ConfusionMatrixDisplay(np.array(matrix["matrix"]), display_labels=matrix["labels"]).plot(
             ax=axis, colorbar=False, cmap="Blues")
-        axis.set_title(f"{name}: accuracy {results[name]['accuracy']:.3f}")
+        axis.set_title(f"{tuned_name if name == 'tuned' else name}: accuracy {results[name]['accuracy']:.3f}")
     figure.tight_layout()
     figure.savefig(run_dir / "confusion_matrix.png", dpi=110)
     plt.close(figure)
@@ -61,24 +61,36 @@ def comparison_rows(results: dict) -> list[tuple[str, str, str]]:
     return [(key, cell("base", key), cell("tuned", key)) for key in HEADLINE]
 
 
+def method_label(run: dict) -> str:
+    """What the 'tuned' results are: the fine-tuned model, or for a prompting baseline (zeroshot, fewshot) the method."""
+    return "tuned" if run.get("trained", True) else run["method"]
+
+
 def write_report(run_dir: Path, summary: dict, figures: list[str]) -> None:
-    run, results, timing = summary["run"], summary["results"], summary["timing_s"]
-    lines = [f"# {run['model']} · {run['method']} · rag={run['rag']} · {run['dataset']}", "",
-             (f"Train {run['n_train']} / val {run['n_val']} / test {run['n_test']} rows (seed {run['seed']}); "
-             f"LoRA r={run['lora']['r']} alpha={run['lora']['lora_alpha']} on {run['lora']['target_modules']}; "
-             f"{summary['train']['epochs']} epoch(s), {summary['train']['steps']} steps, "
-             f"{summary['train']['tokens_per_s']:.0f} train tokens/s."), "",
-             "| metric | base | tuned |", "|---|---|---|"]
+    run, results, timing, train = summary["run"], summary["results"], summary["timing_s"], summary["train"]
+    tuned_name = method_label(run)
+    setup = f"Train {run['n_train']} / val {run['n_val']} / test {run['n_test']} rows (seed {run['seed']}); "
+    if run.get("lora"):
+        setup += f"LoRA r={run['lora']['r']} alpha={run['lora']['lora_alpha']} on {run['lora']['target_modules']}; "
+    elif run.get("trained", True):
+        setup += "every weight fine-tuned (no LoRA); "
+    if run.get("trained", True):
+        setup += f"{train['epochs']} epoch(s), {train['steps']} steps, {train['tokens_per_s']:.0f} train tokens/s."
+    else:
+        setup += f"no training ({run['method']}: the base model, prompted)."
+    lines = [f"# {run['model']} · {run['method']} · rag={run['rag']} · {run['dataset']}", "", setup, "",
+             f"| metric | base | {tuned_name} |", "|---|---|---|"]
     lines += [f"| {m} | {b} | {t} |" for m, b, t in comparison_rows(results)]
     if "val" in results:
-        lines += ["", (f"Validation (tuned, n={results['val']['n']}): accuracy {results['val']['accuracy']:.3f}, "
-                      f"macro-F1 {results['val']['macro_f1']:.3f}.")]
+        lines += ["", (f"Validation ({tuned_name}, n={results['val']['n']}): accuracy {results['val']['accuracy']:.3f}, "
+                       f"macro-F1 {results['val']['macro_f1']:.3f}.")]
     tuned = results["tuned"]
-    lines += ["", "Per label (tuned):", "", "| label | precision | recall | f1 | support |", "|---|---|---|---|---|"]
+    lines += ["", f"Per label ({tuned_name}):", "", "| label | precision | recall | f1 | support |",
+              "|---|---|---|---|---|"]
     lines += [f"| {label} | {v['precision']:.3f} | {v['recall']:.3f} | {v['f1']:.3f} | {v['support']} |"
               for label, v in tuned["per_label"].items()]
     matrix = tuned["confusion_matrix"]
-    lines += ["", "Confusion matrix (tuned; rows gold, columns predicted):", "",
+    lines += ["", f"Confusion matrix ({tuned_name}; rows gold, columns predicted):", "",
               "| gold \\ predicted | " + " | ".join(matrix["labels"]) + " |",
               "|---|" + "---|" * len(matrix["labels"])]
     lines += [f"| {label} | " + " | ".join(map(str, row)) + " |"
@@ -91,7 +103,7 @@ def write_report(run_dir: Path, summary: dict, figures: list[str]) -> None:
 def print_summary(summary: dict, run_dir: Path) -> None:
     table = Table(title=f"{summary['run']['model']} · {summary['run']['method']} · {summary['run']['dataset']} "
                         f"(test n={summary['run']['n_test']})")
-    for column in ("metric", "base", "tuned"):
+    for column in ("metric", "base", method_label(summary["run"])):
         table.add_column(column, justify="left" if column == "metric" else "right")
     for row in comparison_rows(summary["results"]):
         table.add_row(*row)

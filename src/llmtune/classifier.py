@@ -1,0 +1,97 @@
+"""method=classifier: a new sequence-classification head on an encoder or a causal LM, trained with LoRA or fully.
+
+The head reads the raw text (no prompt) and gives one logit per label. Predictions have the format of label scoring
+(evaluation.scoring.classify), so metrics, predictions files and reports are shared with the LM methods.
+"""
+
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from peft import LoraConfig, get_peft_model
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from llmtune.data.batching import LengthPoolBatchSampler
+from llmtune.errors import UserError
+from llmtune.models.lora import lora_settings
+
+
+def load_classifier(model_cfg: DictConfig, method_cfg: DictConfig, labels: list[str], model_dir: str):
+    """Tokenizer and model with a new len(labels)-way head: LoRA on the body and the head trained fully (PEFT's
+    SEQ_CLS task keeps the head in modules_to_save), or with method.full_finetune every weight trained."""
+    # Full fine-tuning steps every weight with AdamW; in bf16 most of those small steps would round away.
+    dtype = torch.float32 if method_cfg.full_finetune else getattr(torch, model_cfg.dtype)
+    trust_remote_code = bool(model_cfg.trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            model_dir, num_labels=len(labels), id2label=dict(enumerate(labels)),
+            label2id={label: i for i, label in enumerate(labels)}, dtype=dtype, use_safetensors=True,
+            trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:  # missing files, .bin-only weights, no classification class, ...
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"could not load model '{model_cfg.name}' as a classifier from {model_dir}: "
+                        f"{first_line[:300]}") from None
+    if tokenizer.pad_token is None:  # causal LMs often have none
+        tokenizer.pad_token = tokenizer.eos_token
+    # A causal LM's head reads each row's last non-padding token, found by this id (encoders read [CLS]).
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if not method_cfg.full_finetune:
+        model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", **lora_settings(model_cfg, method_cfg)))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+    return tokenizer, model
+
+
+def _token_ids(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
+    return tokenizer(texts, truncation=True, max_length=max_length).input_ids
+
+
+def encode_texts(rows: list[dict], tokenizer, labels: list[str], max_length: int) -> list[dict]:
+    """Each row as its text's token ids and its label's index (the head's output position)."""
+    ids = _token_ids(tokenizer, [r["text"] for r in rows], max_length)
+    return [{"input_ids": row_ids, "label": labels.index(r["label"])} for row_ids, r in zip(ids, rows)]
+
+
+def pad_examples(examples: list[dict], tokenizer) -> dict[str, torch.Tensor]:
+    """input_ids and attention_mask padded on the tokenizer's side, and the label indices."""
+    batch = tokenizer.pad({"input_ids": [e["input_ids"] for e in examples]}, return_tensors="pt")
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+            "labels": torch.tensor([e["label"] for e in examples])}
+
+
+def classifier_loaders(train: list[dict], val: list[dict], trainer_cfg: DictConfig, tokenizer, seed: int):
+    """Length-pooled, seeded training batches as for the LM methods; trainer.share_prefix does not apply (no prompt)."""
+    collate = partial(pad_examples, tokenizer=tokenizer)
+    batches = LengthPoolBatchSampler([len(e["input_ids"]) for e in train], trainer_cfg.batch_size,
+                                     trainer_cfg.length_pool_batches, seed)
+    return (DataLoader(train, batch_sampler=batches, collate_fn=collate),
+            DataLoader(val, batch_size=trainer_cfg.batch_size, collate_fn=collate) if val else None)
+
+
+def head_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy of the head's logits against the label indices, in fp32 whatever the model's dtype."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return F.cross_entropy(logits.float(), batch["labels"])
+
+
+@torch.no_grad()
+def classify_with_head(model, tokenizer, rows: list[dict], labels: list[str], batch_size: int, max_length: int,
+                       desc: str = "scoring") -> list[dict]:
+    """Predictions for rows, as classify gives them: {id, text, gold, predicted, scores (softmax over labels)}."""
+    model.eval()
+    ids = _token_ids(tokenizer, [r["text"] for r in rows], max_length)
+    # Batches of similar length waste little on padding; each row's probabilities go back to its own index.
+    order = sorted(range(len(rows)), key=lambda i: len(ids[i]))
+    probs = torch.empty(len(rows), len(labels))
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
+        batch = order[start:start + batch_size]
+        inputs = tokenizer.pad({"input_ids": [ids[i] for i in batch]}, return_tensors="pt").to(model.device)
+        probs[batch] = torch.softmax(model(**inputs).logits.float(), dim=-1).cpu()
+    return [{"id": r["id"], "text": r["text"], "gold": r["label"], "predicted": labels[int(p.argmax())],
+             "scores": {label: round(float(v), 5) for label, v in zip(labels, p)}}
+            for r, p in zip(rows, probs)]
