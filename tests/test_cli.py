@@ -74,13 +74,23 @@ def write(path: Path, text: str) -> Path:
      "model 'acme/no-such-model' is not in the Hugging Face cache"),
     ("seed model not downloaded", ["model=llama3_8b"],
      "model 'meta-llama/Meta-Llama-3-8B-Instruct' is not in the Hugging Face cache"),
+    ("empty documents folder", ["model=tiny", "dataset=hr_demo", "rag=true", "dataset.documents={empty_dir}"],
+     "has no .txt, .md, .pdf files"),
+    ("unreadable PDF", ["model=tiny", "dataset=hr_demo", "rag=true", "dataset.documents={bad_pdf_dir}"],
+     "could not read PDF"),
+    ("rag without documents", ["model=tiny", "dataset=hr_demo", "rag=true", "dataset.documents=null"],
+     "rag=true retrieves from dataset.documents, which dataset=hr_demo does not set"),
     ("misspelled key", ["trainer.max_epoch=1"], "did you mean 'trainer.max_epochs'"),
     ("misspelled option", ["method=instrcut"], "did you mean 'instruct'"),
 ])
 def test_bad_input_gets_one_line_and_exit_code_2(tmp_path, cache_dir, case, args, expected):
     files = {"wrong_columns": write(tmp_path / "cols.csv", "sentence,label\nup,positive\n"),
              "empty": write(tmp_path / "empty.csv", "text,label\n"),
-             "bullish": write(tmp_path / "bull.csv", "text,label\nup,positive\nmoon,bullish\n")}
+             "bullish": write(tmp_path / "bull.csv", "text,label\nup,positive\nmoon,bullish\n"),
+             "empty_dir": tmp_path / "no-docs", "bad_pdf_dir": tmp_path / "bad-docs"}
+    files["empty_dir"].mkdir()
+    files["bad_pdf_dir"].mkdir()
+    write(files["bad_pdf_dir"] / "handbook.pdf", "%PDF-1.4 this is not really a PDF")
     run_dir = tmp_path / "run"
     result = llmtune([a.format(**files) for a in args], run_dir, cache_dir)
     assert result.returncode == 2, (case, result.stderr[-2000:])

@@ -10,7 +10,14 @@ import pytest
 from conftest import compose_config
 from omegaconf import open_dict
 
-from llmtune.tracking import FINAL_METRICS, REDACTED, final_metrics, public_config
+from llmtune.tracking import (
+    CLASSIFICATION_METRICS,
+    FINAL_METRICS,
+    QA_METRICS,
+    REDACTED,
+    final_metrics,
+    public_config,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["model=tiny", "trainer.max_epochs=1", "dataset.split.train_per_class=10", "dataset.split.val_per_class=5",
@@ -22,8 +29,14 @@ def test_final_metrics_names_and_sources():
                "val": {"accuracy": 0.8, "macro_f1": 0.75}}
     assert final_metrics(results) == {"val/accuracy": 0.8, "val/macro_f1": 0.75, "test/accuracy": 0.7,
                                       "test/macro_f1": 0.6, "base/test_accuracy": 0.1, "base/test_macro_f1": 0.2}
-    assert set(final_metrics(results)) == set(FINAL_METRICS)
+    assert set(final_metrics(results)) == set(CLASSIFICATION_METRICS)
     assert set(final_metrics({"tuned": results["tuned"]})) == {"test/accuracy", "test/macro_f1"}
+    qa = {name: {"bleu": 12.5, "rougeL": 0.4, "ngram_similarity": 0.3, "token_presence": None}
+          for name in ("base", "tuned", "val")}
+    assert final_metrics(qa) == {"val/rougeL": 0.4, "test/bleu": 12.5, "test/rougeL": 0.4,
+                                 "test/ngram_similarity": 0.3, "base/test_bleu": 12.5, "base/test_rougeL": 0.4,
+                                 "base/test_ngram_similarity": 0.3}  # no token presence: no tokens were listed
+    assert set(FINAL_METRICS) == set(CLASSIFICATION_METRICS) | set(QA_METRICS)
 
 
 def test_public_config_masks_secret_keys_and_secret_env_values(monkeypatch, tmp_path):

@@ -22,16 +22,24 @@ def register_resolvers() -> None:
 def check_config(cfg: DictConfig) -> None:
     """Collect every problem the config alone shows, and raise them together as one line."""
     problems = []
-    if cfg.rag and cfg.retriever.name == "none":
-        problems.append("rag=true needs a retriever, but retriever=none is the only one available in this version; "
-                        "run with rag=false")
+    qa = cfg.dataset.get("task", "classification") == "qa"
+    head = cfg.method.get("head", "lm")
+    if cfg.rag and head == "classifier":
+        problems.append("method=classifier reads the raw text, so rag=true has nowhere to put retrieved context; "
+                        "use an LM method (instruct, qlora, zeroshot, ...) or rag=false")
+    if cfg.rag and qa and not cfg.dataset.get("documents"):
+        problems.append(f"rag=true retrieves from dataset.documents, which dataset={cfg.dataset.name} does not set; "
+                        "set dataset.documents=DIR (a folder of .txt, .md or .pdf files) or run with rag=false")
+    if qa and (head == "classifier" or cfg.method.get("demonstrations")):
+        problems.append(f"dataset={cfg.dataset.name} is a Q&A task (generated answers): method={cfg.method.name} "
+                        "needs labels; use instruct, causal, qlora or zeroshot (rag=true adds retrieved context)")
     if cfg.method.get("head", "lm") not in ("lm", "classifier"):
         problems.append(f"method.head={cfg.method.head!r} must be 'lm' (label scoring) or 'classifier' (a new head)")
     if cfg.method.get("loss_on", "answer") not in ("answer", "all"):
         problems.append(f"method.loss_on={cfg.method.loss_on!r} must be 'answer' or 'all'")
     if not isinstance(getattr(torch, str(cfg.model.dtype), None), torch.dtype):
         problems.append(f"model.dtype={cfg.model.dtype!r} is not a torch dtype; use bfloat16, float16 or float32")
-    if len(set(cfg.dataset.labels)) < 2:
+    if not qa and len(set(cfg.dataset.labels)) < 2:
         problems.append("dataset.labels needs at least two distinct labels")
     optimizers = ("adamw", "paged_adamw_8bit", "paged_adamw_32bit")  # see training.module.make_optimizer
     if cfg.method.get("optimizer") and cfg.method.optimizer.get("name", "adamw") not in optimizers:

@@ -11,22 +11,26 @@ from omegaconf import DictConfig, OmegaConf
 
 # Logged once at the end of a run (and kept under "logged" in metrics.json). Sweeps should optimise a val/ metric:
 # choosing hyper-parameters on the test split would make the test score an optimistic estimate.
-FINAL_METRICS = ("val/accuracy", "val/macro_f1", "test/accuracy", "test/macro_f1",
-                 "base/test_accuracy", "base/test_macro_f1")
+CLASSIFICATION_METRICS = ("val/accuracy", "val/macro_f1", "test/accuracy", "test/macro_f1",
+                          "base/test_accuracy", "base/test_macro_f1")
+# Q&A runs (dataset.task=qa): generated answers against the references.
+QA_METRICS = ("val/rougeL", "test/bleu", "test/rougeL", "test/ngram_similarity", "test/token_presence",
+              "base/test_bleu", "base/test_rougeL", "base/test_ngram_similarity", "base/test_token_presence")
+FINAL_METRICS = CLASSIFICATION_METRICS + QA_METRICS
 # Logged during training by the LightningModule.
 STEP_METRICS = ("train/loss", "val/loss")
 METRIC_NAMES = FINAL_METRICS + STEP_METRICS
 
 
 def final_metrics(results: dict) -> dict[str, float]:
-    """The FINAL_METRICS present in a run's results ({"base": ..., "tuned": ..., "val": ...} classification dicts)."""
+    """The FINAL_METRICS present in a run's results ({"base": ..., "tuned": ..., "val": ...} metric dicts)."""
     sources = {"val": "val", "test": "tuned", "base": "base"}
     logged = {}
     for name in FINAL_METRICS:
         prefix, key = name.split("/")
-        key = key.removeprefix("test_")
-        if sources[prefix] in results:
-            logged[name] = results[sources[prefix]][key]
+        value = results.get(sources[prefix], {}).get(key.removeprefix("test_"))
+        if value is not None:  # e.g. token presence on a dataset that lists no required tokens
+            logged[name] = value
     return logged
 
 

@@ -19,7 +19,7 @@ def resource_path(name: str) -> str:
 
 def load_rows(dataset_cfg: DictConfig) -> list[dict]:
     """Rows as {id, text, label}; every problem with the file is reported as one UserError line."""
-    table = _read_table(dataset_cfg)
+    table = read_table(str(dataset_cfg.path), dataset_cfg)
     text_col, label_col, id_col = dataset_cfg.text_column, dataset_cfg.label_column, dataset_cfg.id_column
     missing = [c for c in (text_col, label_col, id_col) if c and c not in table.column_names]
     if missing:
@@ -45,11 +45,12 @@ def load_rows(dataset_cfg: DictConfig) -> list[dict]:
     return rows
 
 
-def _read_table(dataset_cfg: DictConfig):
+def read_table(path: str, dataset_cfg: DictConfig):
+    """A local CSV/TSV/JSON(L)/parquet file (or a Hub dataset id) as a datasets.Dataset; dataset_cfg gives the CSV
+    encoding and column names."""
     import datasets
 
     datasets.disable_progress_bars()
-    path = str(dataset_cfg.path)
     builder = LOCAL_FORMATS.get(Path(path).suffix.lower())
     if builder is None:  # not a file name: a Hub dataset id, usable only when online or cached
         try:

@@ -31,8 +31,11 @@ class PromptFormat:
             prompt_template = chat_prompt_template(tokenizer)
         return cls(dataset_cfg.instruction, prompt_template, model_cfg.answer_template)
 
-    def prompt(self, text: str) -> str:
-        return self.prompt_template.format(instruction=self.instruction, input=text)
+    def prompt(self, text: str, context: str = "") -> str:
+        """The row's prompt; retrieved context (document chunks or labelled examples, rag=true) follows the
+        instruction, a blank line apart, so it sits where few-shot demonstrations sit."""
+        instruction = f"{self.instruction}\n\n{context}" if context else self.instruction
+        return self.prompt_template.format(instruction=instruction, input=text)
 
     def answer(self, label: str) -> str:
         return self.answer_template.format(answer=label)
@@ -83,13 +86,17 @@ def with_demonstrations(prompt_format: PromptFormat, rows: list[dict], labels: l
     return replace(prompt_format, instruction="\n\n".join([prompt_format.instruction, *demonstrations]))
 
 
-def encode_example(tokenizer, prompt: str, answer: str, loss_on: str) -> dict[str, list[int]]:
+def encode_example(tokenizer, prompt: str, answer: str, loss_on: str, end_with_eos: bool = False
+                   ) -> dict[str, list[int]]:
     """Prompt and answer are tokenised separately, exactly as label scoring does, so train and eval agree.
 
     loss_on="answer": labels only on the answer tokens (instruct); "all": on every token (causal).
+    end_with_eos: the answer ends with the EOS token, so a model that generates its answer learns to stop (Q&A);
+    label scoring needs none.
     """
     prompt_ids = tokenizer(prompt).input_ids  # with the model's BOS
-    answer_ids = tokenizer(answer, add_special_tokens=False).input_ids
+    answer_ids = tokenizer(answer, add_special_tokens=False).input_ids + ([tokenizer.eos_token_id] if end_with_eos
+                                                                           else [])
     input_ids = prompt_ids + answer_ids
     if loss_on == "answer":
         labels = [IGNORE_INDEX] * len(prompt_ids) + answer_ids

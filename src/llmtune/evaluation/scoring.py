@@ -47,7 +47,7 @@ def label_log_likelihoods(model, tokenizer, prompts: list[str], answers: list[st
 def classify(model, tokenizer, rows: list[dict], prompt_format: PromptFormat, labels: list[str], batch_size: int,
              desc: str = "scoring") -> list[dict]:
     """Predictions for rows: {id, text, gold, predicted, scores (softmax over labels)}."""
-    prompts = [prompt_format.prompt(r["text"]) for r in rows]
+    prompts = [prompt_format.prompt(r["text"], r.get("context", "")) for r in rows]
     loglik = label_log_likelihoods(model, tokenizer, prompts, [prompt_format.answer(l) for l in labels],
                                    batch_size, desc)
     probs = torch.softmax(loglik, dim=1)

@@ -8,7 +8,10 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-HEADLINE = ["accuracy", "macro_f1", "macro_precision", "macro_recall"]
+# The rows of the base-vs-tuned table, by task.
+HEADLINE = {"classification": ["accuracy", "macro_f1", "macro_precision", "macro_recall"],
+            "qa": ["bleu", "rouge1", "rouge2", "rougeL", "ngram_similarity", "token_presence"]}
+RETRIEVAL_EXAMPLES = 3  # rag=true: test rows shown in report.md with what was retrieved for them
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -22,15 +25,21 @@ def write_metrics(run_dir: Path, summary: dict) -> None:
     write_atomic(run_dir / "metrics.json", json.dumps(summary, indent=2) + "\n")
 
 
-def write_predictions(run_dir: Path, tuned: list[dict], base: list[dict] | None) -> None:
-    """One line per test example: tuned prediction and label probabilities, plus the base model's when scored."""
+def write_predictions(run_dir: Path, tuned: list[dict], base: list[dict] | None, rows: list[dict]) -> list[dict]:
+    """One line per test row: the tuned prediction (and label probabilities), the base model's when scored, and with
+    rag=true what was retrieved for the row."""
     lines = []
-    for index, row in enumerate(tuned):
-        record = dict(row)
+    for index, prediction in enumerate(tuned):
+        record = dict(prediction)
         if base is not None:
-            record["base_predicted"], record["base_scores"] = base[index]["predicted"], base[index]["scores"]
+            record["base_predicted"] = base[index]["predicted"]
+            if "scores" in base[index]:
+                record["base_scores"] = base[index]["scores"]
+        if "retrieved" in rows[index]:
+            record["retrieved"] = rows[index]["retrieved"]
         lines.append(json.dumps(record, ensure_ascii=False))
     write_atomic(run_dir / "predictions.jsonl", "\n".join(lines) + "\n")
+    return [json.loads(line) for line in lines]
 
 
 def plot_confusion(run_dir: Path, results: dict, tuned_name: str = "tuned") -> list[str]:
@@ -54,11 +63,12 @@ def plot_confusion(run_dir: Path, results: dict, tuned_name: str = "tuned") -> l
     return ["confusion_matrix.png"]
 
 
-def comparison_rows(results: dict) -> list[tuple[str, str, str]]:
-    """(metric, base, tuned) rows with 3 decimals; '-' where the base model was not scored."""
+def comparison_rows(results: dict, task: str = "classification") -> list[tuple[str, str, str]]:
+    """(metric, base, tuned) rows with 3 decimals; '-' where the base model was not scored (or a metric is None)."""
     def cell(name, key):
-        return f"{results[name][key]:.3f}" if name in results else "-"
-    return [(key, cell("base", key), cell("tuned", key)) for key in HEADLINE]
+        value = results.get(name, {}).get(key)
+        return "-" if value is None else f"{value:.3f}"
+    return [(key, cell("base", key), cell("tuned", key)) for key in HEADLINE[task]]
 
 
 def method_label(run: dict) -> str:
@@ -66,9 +76,11 @@ def method_label(run: dict) -> str:
     return "tuned" if run.get("trained", True) else run["method"]
 
 
-def write_report(run_dir: Path, summary: dict, figures: list[str]) -> None:
+def write_report(run_dir: Path, summary: dict, figures: list[str], records: list[dict]) -> None:
+    """report.md: the setup, base vs tuned, validation, per-label detail (classification) or example answers (Q&A),
+    the retrieval settings and examples (rag=true), wall times and the figures."""
     run, results, timing, train = summary["run"], summary["results"], summary["timing_s"], summary["train"]
-    tuned_name = method_label(run)
+    task, tuned_name = run.get("task", "classification"), method_label(run)
     setup = f"Train {run['n_train']} / val {run['n_val']} / test {run['n_test']} rows (seed {run['seed']}); "
     if run.get("lora"):
         setup += f"LoRA r={run['lora']['r']} alpha={run['lora']['lora_alpha']} on {run['lora']['target_modules']}; "
@@ -80,13 +92,23 @@ def write_report(run_dir: Path, summary: dict, figures: list[str]) -> None:
         setup += f"no training ({run['method']}: the base model, prompted)."
     lines = [f"# {run['model']} · {run['method']} · rag={run['rag']} · {run['dataset']}", "", setup, "",
              f"| metric | base | {tuned_name} |", "|---|---|---|"]
-    lines += [f"| {m} | {b} | {t} |" for m, b, t in comparison_rows(results)]
+    lines += [f"| {m} | {b} | {t} |" for m, b, t in comparison_rows(results, task)]
     if "val" in results:
-        lines += ["", (f"Validation ({tuned_name}, n={results['val']['n']}): accuracy {results['val']['accuracy']:.3f}, "
-                       f"macro-F1 {results['val']['macro_f1']:.3f}.")]
-    tuned = results["tuned"]
-    lines += ["", f"Per label ({tuned_name}):", "", "| label | precision | recall | f1 | support |",
-              "|---|---|---|---|---|"]
+        shown = HEADLINE[task][:2]
+        lines += ["", f"Validation ({tuned_name}, n={results['val']['n']}): "
+                  + ", ".join(f"{key} {results['val'][key]:.3f}" for key in shown) + "."]
+    lines += _classification_detail(results["tuned"], tuned_name) if task == "classification" else \
+        _answer_examples(records, tuned_name)
+    if summary.get("retrieval"):
+        lines += _retrieval_section(summary["retrieval"], records)
+    lines += ["", "Wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timing.items()), ""]
+    lines += [f"![{name}]({name})" for name in figures]
+    write_atomic(run_dir / "report.md", "\n".join(lines) + "\n")
+
+
+def _classification_detail(tuned: dict, tuned_name: str) -> list[str]:
+    lines = ["", f"Per label ({tuned_name}):", "", "| label | precision | recall | f1 | support |",
+             "|---|---|---|---|---|"]
     lines += [f"| {label} | {v['precision']:.3f} | {v['recall']:.3f} | {v['f1']:.3f} | {v['support']} |"
               for label, v in tuned["per_label"].items()]
     matrix = tuned["confusion_matrix"]
@@ -95,9 +117,31 @@ def write_report(run_dir: Path, summary: dict, figures: list[str]) -> None:
               "|---|" + "---|" * len(matrix["labels"])]
     lines += [f"| {label} | " + " | ".join(map(str, row)) + " |"
               for label, row in zip(matrix["labels"], matrix["matrix"])]
-    lines += ["", "Wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timing.items()), ""]
-    lines += [f"![{name}]({name})" for name in figures]
-    write_atomic(run_dir / "report.md", "\n".join(lines) + "\n")
+    return lines
+
+
+def _answer_examples(records: list[dict], tuned_name: str) -> list[str]:
+    lines = ["", f"Example answers (first {RETRIEVAL_EXAMPLES} test rows):", ""]
+    for record in records[:RETRIEVAL_EXAMPLES]:
+        lines += [f"- **Q:** {record['text']}", f"  - reference: {record['gold']}",
+                  f"  - {tuned_name}: {record['predicted']}"]
+        if "base_predicted" in record:
+            lines.append(f"  - base: {record['base_predicted']}")
+    return lines
+
+
+def _retrieval_section(retrieval: dict, records: list[dict]) -> list[str]:
+    """Settings and recall, then a few test rows with what was retrieved for them (text cut to 300 characters)."""
+    settings = ", ".join(f"{key} {value:.3f}" if isinstance(value, float) else f"{key} {value}"
+                         for key, value in retrieval.items())
+    lines = ["", "## Retrieval", "", settings + ".", ""]
+    for record in records[:RETRIEVAL_EXAMPLES]:
+        lines.append(f"- **{record['text'][:200]}** -> gold {record['gold']!s:.200}, predicted {record['predicted']!s:.200}")
+        for hit in record.get("retrieved", []):
+            where = (f"{hit['source']} p.{hit['page']}: {hit['text'][:300]}" if "source" in hit
+                     else f"example {hit['id']} ({hit['label']})")
+            lines.append(f"  - {where}".replace("\n", " "))
+    return lines
 
 
 def print_summary(summary: dict, run_dir: Path) -> None:
@@ -105,7 +149,7 @@ def print_summary(summary: dict, run_dir: Path) -> None:
                         f"(test n={summary['run']['n_test']})")
     for column in ("metric", "base", method_label(summary["run"])):
         table.add_column(column, justify="left" if column == "metric" else "right")
-    for row in comparison_rows(summary["results"]):
+    for row in comparison_rows(summary["results"], summary["run"].get("task", "classification")):
         table.add_row(*row)
     console = Console()
     console.print(table)

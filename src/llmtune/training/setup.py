@@ -15,7 +15,10 @@ LOADER_KEYS = ("batch_size", "length_pool_batches", "share_prefix")
 
 
 def encode_rows(rows: list[dict], tokenizer, prompt_format: PromptFormat, loss_on: str) -> list[dict]:
-    return [encode_example(tokenizer, prompt_format.prompt(r["text"]), prompt_format.answer(r["label"]), loss_on)
+    """A classification row trains on its label; a Q&A row on its answer, ended by EOS so generation stops."""
+    return [encode_example(tokenizer, prompt_format.prompt(r["text"], r.get("context", "")),
+                           prompt_format.answer(r["answer"] if "answer" in r else r["label"]), loss_on,
+                           end_with_eos="answer" in r)
             for r in rows]
 
 

@@ -1,0 +1,54 @@
+"""Generated answers for Q&A rows, and the metrics that judge them against the references."""
+
+import torch
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from llmtune.data.prompts import PromptFormat
+from llmtune.evaluation.metrics import text_generation_metrics
+
+
+@torch.no_grad()
+def answer_questions(model, tokenizer, rows: list[dict], prompt_format: PromptFormat, generation: DictConfig,
+                     batch_size: int, desc: str = "generating") -> list[dict]:
+    """Predictions for Q&A rows: {id, text, gold (reference), predicted (the answer's first line), tokens}.
+
+    The answer is cut at its first line break: a base model that was never taught to stop would otherwise be judged on
+    the paragraphs it adds after the answer. Batches are left-padded (generation appends on the right) and grouped by
+    length, so little of each batch is padding.
+    """
+    model.eval()
+    prompts = [prompt_format.prompt(r["text"], r.get("context", "")) for r in rows]
+    prompt_ids = [tokenizer(p).input_ids for p in prompts]
+    order = sorted(range(len(rows)), key=lambda i: len(prompt_ids[i]))
+    sampling = ({"do_sample": True, "temperature": generation.temperature} if generation.do_sample
+                else {"do_sample": False})
+    answers = [""] * len(rows)
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
+            batch = order[start:start + batch_size]
+            inputs = tokenizer.pad({"input_ids": [prompt_ids[i] for i in batch]}, return_tensors="pt").to(model.device)
+            output = model.generate(**inputs, max_new_tokens=generation.max_new_tokens, top_p=None, top_k=None,
+                                    pad_token_id=tokenizer.pad_token_id, **sampling)
+            texts = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+            for i, text in zip(batch, texts):
+                answers[i] = text.strip().split("\n")[0].strip()
+    finally:
+        tokenizer.padding_side = padding_side
+    return [{"id": r["id"], "text": r["text"], "gold": r["answer"], "predicted": answer, "tokens": r["tokens"]}
+            for r, answer in zip(rows, answers)]
+
+
+def token_presence(predictions: list[str], required: list[list[str]]) -> dict:
+    """Share of the rows that list required tokens whose answer contains every one of them (case-insensitive)."""
+    checked = [(p.lower(), tokens) for p, tokens in zip(predictions, required) if tokens]
+    hits = sum(all(t.lower() in p for t in tokens) for p, tokens in checked)
+    return {"token_presence": hits / len(checked) if checked else None, "n_token_rows": len(checked)}
+
+
+def qa_metrics(predictions: list[dict]) -> dict:
+    """BLEU, ROUGE-1/2/L, bigram similarity and token presence of generated answers against the references."""
+    answers, references = [p["predicted"] for p in predictions], [p["gold"] for p in predictions]
+    return {**text_generation_metrics(answers, references),
+            **token_presence(answers, [p["tokens"] for p in predictions])}
