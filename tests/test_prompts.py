@@ -180,3 +180,13 @@ def test_hub_only_model_offline_fails_with_one_line_naming_the_fix(name, tmp_pat
     message = str(error.value)
     assert cfg.hub_id in message and "is not in the Hugging Face cache" in message and "model.path=" in message
     assert "\n" not in message
+
+
+def test_a_family_format_is_switched_on_the_command_line_and_a_typo_is_caught():
+    from llmtune.config import check_overrides
+
+    switched = compose_config(["model=llama3_8b", "prompt@model=alpaca"]).model
+    assert PromptFormat.from_config(switched, DATASET).prompt(TEXT) == ALPACA[0] and not switched.use_chat_template
+    check_overrides(["model=llama3_8b", "prompt@model=alpaca"])  # accepted as Hydra accepts it
+    with pytest.raises(UserError, match="prompt=alpacca is not a known prompt config .*did you mean 'alpaca'"):
+        check_overrides(["prompt@model=alpacca"])

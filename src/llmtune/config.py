@@ -67,13 +67,15 @@ def check_overrides(args: list[str]) -> None:
         parsed = OverridesParser.create().parse_overrides([a for a in args if "=" in a and not a.startswith("-")])
     except Exception:
         return  # a syntax error: Hydra reports it with the position of the problem
-    groups = {name: sorted(f.stem for f in (Path(CONFIG_DIR) / name).glob("*.yaml")) for name in _root_groups()}
+    # Root groups (model, method, ...) and, with a package, the groups model files pick: prompt@model=alpaca.
+    groups = {p.name: sorted(f.stem for f in p.glob("*.yaml")) for p in Path(CONFIG_DIR).iterdir() if p.is_dir()}
+    root_groups = _root_groups()
     group_choices, keys = [], []
     for override in parsed:
         name = override.key_or_group
         if override.is_add() or override.is_force_add() or override.is_delete() or name.startswith("hydra"):
             continue
-        if name not in groups:
+        if name not in root_groups and not (override.package and name in groups):
             keys.append(name)
             continue
         options = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.value()]
@@ -81,7 +83,7 @@ def check_overrides(args: list[str]) -> None:
             if option not in groups[name]:
                 raise UserError(f"{name}={option} is not a known {name} config{_did_you_mean(option, groups[name])}; "
                                 f"choose one of {', '.join(groups[name])}")
-        group_choices.append(f"{name}={options[0]}")
+        group_choices.append(f"{override.get_key_element()}={options[0]}")
     if not keys:
         return
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
