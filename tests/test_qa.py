@@ -153,7 +153,7 @@ def test_rag_on_classification_shows_the_nearest_training_examples_never_the_row
     summary = json.loads((tmp_path / "metrics.json").read_text())
     records = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     assert summary["retrieval"]["corpus"] == "training examples" and summary["retrieval"]["examples"] == 24
-    assert all(len(r["retrieved"]) == 2 and {"id", "label"} == set(r["retrieved"][0]) for r in records)
+    assert all(len(r["retrieved"]) == 2 and {"id", "label", "text"} == set(r["retrieved"][0]) for r in records)
     assert not {r["id"] for r in records} & {hit["id"] for r in records for hit in r["retrieved"]}  # test rows
     assert "example " in (tmp_path / "report.md").read_text()
 
@@ -172,3 +172,16 @@ def test_a_training_row_never_retrieves_itself_as_a_demonstration(tmp_path):
     assert splits["train"][0]["retrieved"][0]["id"] == "t3"  # its nearest other row: "Profit rose again"
     assert splits["test"][0]["retrieved"][0]["id"] == "t0"  # a test row may retrieve any training row
     assert splits["train"][0]["context"].startswith("Text: Profit rose again\nAnswer: x")
+
+
+def test_report_across_qa_runs_ranks_by_rouge_l_without_mcnemar_or_confusion_matrices(tmp_path, cache_dir,
+                                                                                      tiny_model_dir):
+    from llmtune.report.compare import main as report
+
+    for rag in ("false", "true"):
+        run_qa(tmp_path / f"rag={rag}", cache_dir, tiny_model_dir, f"rag={rag}")
+    report([str(tmp_path)])
+    text = (tmp_path / "report.md").read_text()
+    assert "Runs ranked by test/rougeL" in text and "confusion_matrices.png" not in text
+    results = (tmp_path / "results.csv").read_text().splitlines()
+    assert len(results) == 3 and all(line.split(",")[1] == "completed" for line in results[1:])

@@ -39,7 +39,8 @@ def add_example_context(splits: dict[str, list[dict]], retriever_cfg: DictConfig
         for row, hits in zip(rows, retriever.search([r["text"] for r in rows], retriever_cfg.k, exclude)):
             row["context"] = "\n\n".join(retriever_cfg.example_template.format(input=train[i]["text"],
                                                                               answer=train[i]["label"]) for i in hits)
-            row["retrieved"] = [{"id": train[i]["id"], "label": train[i]["label"]} for i in hits]
+            row["retrieved"] = [{"id": train[i]["id"], "label": train[i]["label"], "text": train[i]["text"]}
+                                for i in hits]
     return {**_settings(retriever_cfg, retriever), "corpus": "training examples", "examples": len(train)}
 
 

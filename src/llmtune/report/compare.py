@@ -27,7 +27,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="llmtune report", description=__doc__.splitlines()[0])
     parser.add_argument("dir", type=Path, help="a run folder, a Hydra multirun or sweep folder, or outputs/")
     parser.add_argument("--metric", help=f"rank by this metric, higher is better: {', '.join(FINAL_METRICS)} "
-                                         f"(default: a sweep's own metric from its sweep.json, else test/accuracy)")
+                                         "(default: a sweep's own metric from its sweep.json, else test/accuracy, "
+                                         "or test/rougeL for Q&A runs)")
     parser.add_argument("--axes", help="two config keys for the heatmap, e.g. model.name,method.lora.r "
                                        "(default: the first two varying parameters other than seed)")
     parser.add_argument("--out", type=Path, help="folder for the report (default: DIR)")
@@ -36,10 +37,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
-    root, metric = args.dir, args.metric or sweep_metric(args.dir) or "test/accuracy"
-    if metric not in FINAL_METRICS:
-        raise UserError(f"unknown metric {metric!r}; pass --metric with one of: {', '.join(FINAL_METRICS)}")
+    root = args.dir
+    if args.metric and args.metric not in FINAL_METRICS:
+        raise UserError(f"unknown metric {args.metric!r}; pass --metric with one of: {', '.join(FINAL_METRICS)}")
     runs = load_runs(root)
+    metric = args.metric or sweep_metric(root) or default_metric(runs)
     check_metric_logged(runs, metric, root)
     varying = params.varying_params([run.config for run in runs])
     requested_axes = heatmap_axes(args.axes, varying, runs, root)
@@ -91,6 +93,13 @@ def sweep_metric(root: Path) -> str | None:
         return json.loads((root / "sweep.json").read_text(encoding="utf-8"))["metric"]["name"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def default_metric(runs: list[Run]) -> str:
+    """test/accuracy, or for folders of Q&A runs only (nothing logged accuracy), test/rougeL."""
+    if any("test/rougeL" in run.metrics for run in runs) and not any("test/accuracy" in run.metrics for run in runs):
+        return "test/rougeL"
+    return "test/accuracy"
 
 
 def check_metric_logged(runs: list[Run], metric: str, root: Path) -> None:
@@ -242,6 +251,8 @@ def paired_comparison(best: pd.Series, runner_up: pd.Series, runs_by_name: dict[
         return f"{title}: no paired test possible, they share no seed and so were not scored on the same test rows."
     seed = shared[0]
     run_a, run_b = by_seed[0][seed], by_seed[1][seed]
+    if "qa" in (run_a.summary["run"].get("task"), run_b.summary["run"].get("task")):
+        return f"{title}: no McNemar test, generated answers are not simply right or wrong."
     if run_a.tuned_correct is None or run_b.tuned_correct is None:
         return f"{title}: no paired test possible, predictions.jsonl is missing ({run_a.name}, {run_b.name})."
     if run_a.tuned_correct.keys() != run_b.tuned_correct.keys():
@@ -281,14 +292,15 @@ def heatmap_figure(out_dir: Path, table: pd.DataFrame, axes: list[str] | None, n
 
 def confusion_figure(out_dir: Path, ranked: pd.DataFrame, runs_by_name: dict[str, Run], shown: list[str],
                      names: dict[str, str]) -> list[str]:
-    best = [runs_by_name[name] for name in ranked["run"][:figures.MAX_CONFUSION_PANELS]]
-    if not best:
+    classified = [name for name in ranked["run"] if "confusion_matrix" in runs_by_name[name].summary["results"]["tuned"]]
+    best = [runs_by_name[name] for name in classified[:figures.MAX_CONFUSION_PANELS]]
+    if not best:  # no completed classification run (Q&A runs have no confusion matrix)
         return []
     panels = [(figures.wrap_title(params.describe(run.config, shown, names) or run.name)
                + f"\naccuracy {run.summary['results']['tuned']['accuracy']:.3f}",
                run.summary["results"]["tuned"]["confusion_matrix"]) for run in best]
     figures.plot_confusion_grid(out_dir / "confusion_matrices.png", panels)
-    left_out = len(ranked) - len(best)
+    left_out = len(classified) - len(best)
     note = [f"Confusion matrices of the best {len(best)} runs; {left_out} more left out.", ""] if left_out else []
     return note + ["![tuned confusion matrices](confusion_matrices.png)", ""]
 

@@ -139,7 +139,7 @@ def _retrieval_section(retrieval: dict, records: list[dict]) -> list[str]:
         lines.append(f"- **{record['text'][:200]}** -> gold {record['gold']!s:.200}, predicted {record['predicted']!s:.200}")
         for hit in record.get("retrieved", []):
             where = (f"{hit['source']} p.{hit['page']}: {hit['text'][:300]}" if "source" in hit
-                     else f"example {hit['id']} ({hit['label']})")
+                     else f"example {hit['id']} ({hit['label']}): {hit['text'][:300]}")
             lines.append(f"  - {where}".replace("\n", " "))
     return lines
 

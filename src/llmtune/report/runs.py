@@ -60,7 +60,9 @@ def load_run(path: Path, root: Path) -> Run:
     if summary:
         logged = summary.get("logged") or final_metrics(summary["results"])  # older runs kept only "results"
         metrics = {name: logged[name] for name in FINAL_METRICS if name in logged}
-    tuned_correct, base_correct = read_correctness(path / "predictions.jsonl") if summary else (None, None)
+    # Right/wrong per test row, for McNemar's test; a generated Q&A answer is not right or wrong as a whole.
+    classified = summary and summary["run"].get("task", "classification") == "classification"
+    tuned_correct, base_correct = read_correctness(path / "predictions.jsonl") if classified else (None, None)
     return Run(name, path, state, error, config, metrics, summary, tuned_correct, base_correct)
 
 
