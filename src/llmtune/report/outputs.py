@@ -28,7 +28,7 @@ def write_metrics(run_dir: Path, summary: dict) -> None:
 def write_predictions(run_dir: Path, tuned: list[dict], base: list[dict] | None, rows: list[dict]) -> list[dict]:
     """One line per test row: the tuned prediction (and label probabilities), the base model's when scored, and with
     rag=true what was retrieved for the row."""
-    lines = []
+    records = []
     for index, prediction in enumerate(tuned):
         record = dict(prediction)
         if base is not None:
@@ -37,9 +37,9 @@ def write_predictions(run_dir: Path, tuned: list[dict], base: list[dict] | None,
                 record["base_scores"] = base[index]["scores"]
         if "retrieved" in rows[index]:
             record["retrieved"] = rows[index]["retrieved"]
-        lines.append(json.dumps(record, ensure_ascii=False))
-    write_atomic(run_dir / "predictions.jsonl", "\n".join(lines) + "\n")
-    return [json.loads(line) for line in lines]
+        records.append(record)
+    write_atomic(run_dir / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    return records
 
 
 def plot_confusion(run_dir: Path, results: dict, tuned_name: str = "tuned") -> list[str]:
