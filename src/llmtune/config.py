@@ -33,7 +33,7 @@ def check_config(cfg: DictConfig) -> None:
     if qa and (head == "classifier" or cfg.method.get("demonstrations")):
         problems.append(f"dataset={cfg.dataset.name} is a Q&A task (generated answers): method={cfg.method.name} "
                         "needs labels; use instruct, causal, qlora or zeroshot (rag=true adds retrieved context)")
-    if cfg.method.get("head", "lm") not in ("lm", "classifier"):
+    if head not in ("lm", "classifier"):
         problems.append(f"method.head={cfg.method.head!r} must be 'lm' (label scoring) or 'classifier' (a new head)")
     if cfg.method.get("loss_on", "answer") not in ("answer", "all"):
         problems.append(f"method.loss_on={cfg.method.loss_on!r} must be 'answer' or 'all'")
