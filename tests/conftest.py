@@ -1,6 +1,8 @@
 """Shared fixtures: the real Hydra config composed with the compose API, and a tiny model saved to disk."""
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,3 +41,22 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
     cfg = compose_config(["model=tiny"])
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"), **cfg.model.build)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, cache_dir) -> Path:
+    """A finished tiny-model instruct run (adapter/, predictions.jsonl, prompt.json), made once by the real CLI and
+    shared by the predict, serve and export tests. Read it; copy it before changing anything in it."""
+    run_dir = tmp_path_factory.mktemp("tiny-run") / "run"
+    result = run_llmtune(["model=tiny", "trainer.max_epochs=2", "dataset.split.train_per_class=30",
+                          "dataset.split.test_per_class=20", f"hydra.run.dir={run_dir}"], cache_dir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return run_dir
+
+
+def run_llmtune(args: list[str], cache_dir: Path, stdin: str | None = None) -> subprocess.CompletedProcess:
+    """`python -m llmtune ARGS` as a user runs it (offline, test cache, no HYDRA_FULL_ERROR)."""
+    env = {**os.environ, "LLMTUNE_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run([sys.executable, "-m", "llmtune", *args], input=stdin, capture_output=True, text=True,
+                          env=env, cwd=Path(CONFIG_DIR).parent, timeout=600, check=False)

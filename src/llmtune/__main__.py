@@ -3,8 +3,12 @@
     llmtune [HYDRA OVERRIDES...]          one run (or a grid with -m); run.py tells the run
     llmtune sweep SPEC --count N [...]    a W&B sweep spec run locally (llmtune.sweep)
     llmtune report DIR [...]              one report across runs (llmtune.report.compare)
+    llmtune serve RUN_DIR [key=value...]  a finished run behind an OpenAI-compatible HTTP API (llmtune.serve)
+    llmtune export RUN_DIR format=...     merged / GGUF / Ollama, checked against the run (llmtune.export.cli)
+    llmtune predict RUN_DIR input=FILE    batch predictions from a file or stdin (llmtune.predict)
 """
 
+import logging
 import sys
 
 import hydra
@@ -14,6 +18,9 @@ from llmtune.config import CONFIG_DIR, check_overrides, register_resolvers
 from llmtune.errors import report_user_errors
 
 register_resolvers()
+# bitsandbytes (imported by PEFT) warns at import, on every command, that the optional `kernels` package is missing;
+# its own CPU kernels work without it.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
@@ -32,6 +39,15 @@ def main() -> None:
     if command == "report":
         from llmtune.report.compare import main as report
         return report_user_errors(report)(sys.argv[2:])
+    if command == "serve":
+        from llmtune.serve import main as serve
+        return report_user_errors(serve)(sys.argv[2:])
+    if command == "export":
+        from llmtune.export.cli import main as export
+        return report_user_errors(export)(sys.argv[2:])
+    if command == "predict":
+        from llmtune.predict import main as predict
+        return report_user_errors(predict)(sys.argv[2:])
     report_user_errors(check_overrides)(sys.argv[1:])
     train()
     # Filled only by a multirun, where a failed job does not stop the grid.

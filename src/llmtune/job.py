@@ -26,9 +26,6 @@ failed_jobs: list[str] = []  # "<run dir>: <error>" for each failed job of this 
 
 
 def run_job(cfg: DictConfig) -> float | None:
-    # bitsandbytes (imported by PEFT) warns at import, on every run, that the optional `kernels` package is missing;
-    # its own CPU kernels work without it.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     # Heavy imports (torch, transformers) only when a job really runs.
     from llmtune.run import run
 

@@ -122,6 +122,7 @@ def run(cfg: DictConfig) -> float:
         "train": training,
         "timing_s": {k: round(v, 1) for k, v in timing.items()},
     }
+    outputs.write_prompt(run_dir, prompts)  # predict, serve and export prompt exactly as this run did
     records = outputs.write_predictions(run_dir, predictions["tuned"], predictions.get("base"), splits["test"])
     figures = [] if qa else outputs.plot_confusion(run_dir, results, outputs.method_label(summary["run"]))
     outputs.write_metrics(run_dir, summary)

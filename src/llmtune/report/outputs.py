@@ -25,6 +25,13 @@ def write_metrics(run_dir: Path, summary: dict) -> None:
     write_atomic(run_dir / "metrics.json", json.dumps(summary, indent=2) + "\n")
 
 
+def write_prompt(run_dir: Path, prompt_format) -> None:
+    """The run's final prompt format (instruction with any few-shot demonstrations, templates) as prompt.json."""
+    from dataclasses import asdict
+
+    write_atomic(run_dir / "prompt.json", json.dumps(asdict(prompt_format), indent=2, ensure_ascii=False) + "\n")
+
+
 def write_predictions(run_dir: Path, tuned: list[dict], base: list[dict] | None, rows: list[dict]) -> list[dict]:
     """One line per test row: the tuned prediction (and label probabilities), the base model's when scored, and with
     rag=true what was retrieved for the row."""

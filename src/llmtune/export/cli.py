@@ -1,0 +1,95 @@
+"""`llmtune export RUN_DIR format=merged|gguf|ollama [quant=f16|q8_0] ...`: ship a run, then prove the export.
+
+    merged  -> RUN_DIR/export/merged/          sharded safetensors + tokenizer (plain transformers loads it)
+    gguf    -> RUN_DIR/export/gguf/<run>-<quant>.gguf   (llama.cpp; tokenizer embedded)
+    ollama  -> RUN_DIR/export/ollama/          the GGUF + a Modelfile (`ollama create NAME -f Modelfile`)
+
+After writing, the export re-predicts the run's test rows (GGUF through transformers' gguf_file= loader) and fails
+below min_agreement with the run's predictions.jsonl (default 0.99; 0.97 for q8_0).
+"""
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from rich.console import Console
+
+from llmtune.errors import UserError
+from llmtune.export.merged import export_merged
+from llmtune.export.parity import check_parity
+from llmtune.inference import run_config
+from llmtune.options import parse_options
+
+FORMATS = ("merged", "gguf", "ollama")
+DEFAULT_QUANT = {"gguf": "f16", "ollama": "q8_0"}
+MIN_AGREEMENT = {"q8_0": 0.97}  # everything else: 0.99; Q8_0 rounds each weight to 8 bits, a few flips are expected
+OPTIONS = {"format": "merged", "quant": None, "dtype": None, "out": None, "max_shard_size": "1GB",
+           "min_agreement": 0.0, "check": True}
+
+
+def main(argv: list[str]) -> None:
+    if not argv or "=" in argv[0]:
+        raise UserError("usage: llmtune export RUN_DIR format=merged|gguf|ollama [quant=f16|q8_0] [out=DIR] "
+                        "[min_agreement=0.99] [check=true]")
+    run_dir, options = Path(argv[0]), parse_options(argv[1:], OPTIONS, "export")
+    cfg = run_config(run_dir)
+    fmt = options["format"]
+    if fmt not in FORMATS:
+        raise UserError(f"format={fmt} is not known; use one of {', '.join(FORMATS)}")
+    quant = options["quant"] or DEFAULT_QUANT.get(fmt)
+    if fmt != "merged":
+        from llmtune.export.gguf_writer import OUTTYPES, write_gguf
+
+        if quant not in OUTTYPES:
+            raise UserError(f"quant={quant} is not a GGUF type llmtune writes; use one of {', '.join(OUTTYPES)}")
+    out = Path(options["out"] or run_dir / "export" / fmt)
+    out.mkdir(parents=True, exist_ok=True)
+    console = Console()
+
+    if fmt == "merged":
+        model_path = export_merged(run_dir, out, options["dtype"], options["max_shard_size"])
+    else:
+        # GGUF is written from a merged fp32 folder, so quantisation rounds the merged weights exactly once.
+        with tempfile.TemporaryDirectory(dir=out, prefix=".merging-") as scratch:
+            merged = export_merged(run_dir, Path(scratch) / "merged", dtype="float32")
+            model_path = write_gguf(merged, out / f"{cfg.model.name}-{cfg.method.name}-{quant}.gguf", quant,
+                                    tokenizer_gguf=_source_gguf(cfg), name=run_dir.name)
+            if fmt == "ollama":
+                _write_modelfile(run_dir, cfg, merged, out, model_path.name)
+    console.print(f"[bold]exported[/] {fmt}{f' ({quant})' if fmt != 'merged' else ''} -> {out}  "
+                  f"({_size_mb(model_path):,.1f} MB)")
+    if options["check"] and cfg.dataset.get("task", "classification") == "classification":
+        threshold = float(options["min_agreement"] or MIN_AGREEMENT.get(quant if fmt != "merged" else "", 0.99))
+        parity = check_parity(run_dir, model_path, threshold)
+        console.print(f"parity on {parity['rows']} test rows: agreement {parity['agreement']:.1%} "
+                      f"(min {threshold:.0%}), accuracy {parity['export_accuracy']:.3f} vs run "
+                      f"{parity['run_accuracy']:.3f} (delta {parity['accuracy_delta']:+.3f}), {parity['seconds']} s")
+
+
+def _write_modelfile(run_dir: Path, cfg, merged: Path, out: Path, gguf_name: str) -> None:
+    from transformers import AutoTokenizer
+
+    from llmtune.export.ollama import write_modelfile
+    from llmtune.inference import prompt_format_of
+
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    prompt_format = prompt_format_of(run_dir, cfg, tokenizer)
+    labels = cfg.dataset.get("labels") if cfg.dataset.get("task", "classification") == "classification" else None
+    # A classifier answers with one label: generation stops after the longest label's tokens.
+    longest = max(len(tokenizer(prompt_format.answer(label), add_special_tokens=False).input_ids)
+                  for label in labels) if labels else None
+    write_modelfile(out, gguf_name, prompt_format, longest)
+
+
+def _source_gguf(cfg) -> Path | None:
+    """The GGUF the base model was converted from (model.gguf): its tokenizer fields are copied verbatim."""
+    if not cfg.model.get("gguf"):
+        return None
+    import importlib
+
+    return Path(importlib.import_module(cfg.model.gguf.package).assemble())
+
+
+def _size_mb(path: Path) -> float:
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    return sum(f.stat().st_size for f in files) / 1e6

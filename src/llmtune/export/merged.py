@@ -1,0 +1,37 @@
+"""format=merged: the adapter folded into its base, saved as sharded safetensors that plain transformers loads."""
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from llmtune.inference import PROMPT_FILE, load_run
+
+
+def export_merged(run_dir: Path, out_dir: Path, dtype: str | None = None, max_shard_size: str = "1GB") -> Path:
+    """Merge in fp32 (a bf16 sum would round most of the adapter's small update away), then save in dtype
+    (default: the model's configured dtype). A QLoRA base is de-quantised first: merging into 4-bit weights would
+    round the adapter away entirely."""
+    loaded = load_run(run_dir, dtype="float32", dequantize=True)
+    model = loaded.model
+    if hasattr(model, "merge_and_unload"):  # a PeftModel; zeroshot/fewshot runs have no adapter to merge
+        model = model.merge_and_unload()
+    if getattr(model.config, "quantization_config", None) is not None:  # plain tensors now: save them as such
+        del model.config.quantization_config
+        model.hf_quantizer, model.is_quantized = None, False
+    dtype = dtype or loaded.cfg.model.dtype
+    model = model.to(getattr(torch, dtype))
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial, max_shard_size=max_shard_size)
+    loaded.tokenizer.save_pretrained(partial)
+    # The run's prompt travels with the model: a user of the folder prompts it as it was tuned.
+    if (run_dir / PROMPT_FILE).is_file():
+        shutil.copy(run_dir / PROMPT_FILE, partial / PROMPT_FILE)
+    (partial / "llmtune_export.json").write_text(json.dumps({
+        "run": str(run_dir), "model": loaded.cfg.model.name, "method": loaded.cfg.method.name,
+        "dataset": loaded.cfg.dataset.name, "dtype": dtype, "labels": loaded.labels}, indent=2) + "\n")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    partial.rename(out_dir)  # a finished folder or none: an interrupted export never looks complete
+    return out_dir

@@ -1,0 +1,161 @@
+"""A finished run, loaded to predict: its config, tokenizer, model and prompt format.
+
+The model is the run's adapter on its base (`adapter/`), the fully fine-tuned `model/`, or an exported folder or GGUF
+file (`llmtune export`). `llmtune predict`, `llmtune serve` and the export's parity check all go through here, so
+they classify exactly as the run's own evaluation did.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from llmtune.data.prompts import PromptFormat
+from llmtune.errors import UserError
+from llmtune.evaluation.scoring import label_log_likelihoods
+
+PROMPT_FILE = "prompt.json"  # the run's final prompt format (few-shot demonstrations included), written by run.py
+
+
+@dataclass
+class LoadedRun:
+    run_dir: Path
+    cfg: DictConfig
+    tokenizer: object
+    model: object
+    prompt_format: PromptFormat
+    labels: list[str] | None  # None for Q&A runs
+
+    @property
+    def name(self) -> str:
+        return self.run_dir.name
+
+    def classify(self, texts: list[str], batch_size: int | None = None, desc: str = "classifying") -> list[dict]:
+        """[{label, confidence, scores}] per text: label scoring, the softmax over the labels as confidence."""
+        if self.labels is None:
+            raise UserError(f"run {self.run_dir} is a Q&A run: it generates answers and has no labels to classify "
+                            "into; use a classification run")
+        prompts = [self.prompt_format.prompt(text) for text in texts]
+        answers = [self.prompt_format.answer(label) for label in self.labels]
+        loglik = label_log_likelihoods(self.model, self.tokenizer, prompts, answers,
+                                       batch_size or self.cfg.eval.batch_size, desc)
+        probs = torch.softmax(loglik, dim=1)
+        return [{"label": self.labels[int(p.argmax())], "confidence": round(float(p.max()), 5),
+                 "scores": {label: round(float(v), 5) for label, v in zip(self.labels, p)}} for p in probs]
+
+    @torch.no_grad()
+    def generate(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
+                 stop: list[str] | None = None) -> dict:
+        """Continue one prompt: {text, finish_reason (stop|length), prompt_tokens, completion_tokens}.
+        temperature 0 is greedy decoding (reproducible)."""
+        self.model.eval()
+        inputs = self.tokenizer(prompt, return_tensors="pt")
+        sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+        output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
+                                     **sampling)
+        new_ids = output[0, inputs.input_ids.shape[1]:]
+        text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
+        ended = len(new_ids) < max_new_tokens or (len(new_ids) and int(new_ids[-1]) == self.tokenizer.eos_token_id)
+        for marker in stop or []:  # the answer template's closing text (e.g. <end_of_turn>) ends an answer too
+            if marker and marker in text:
+                text, ended = text[:text.index(marker)], True
+        return {"text": text, "finish_reason": "stop" if ended else "length",
+                "prompt_tokens": int(inputs.input_ids.shape[1]), "completion_tokens": int(len(new_ids))}
+
+    def stop_texts(self) -> list[str]:
+        """What follows an answer in this prompt format (e.g. "<end_of_turn>"), as generation stop strings."""
+        closing = self.prompt_format.answer_template.split("{answer}", 1)[1]
+        return [closing] if closing.strip() else []
+
+
+def run_config(run_dir: Path) -> DictConfig:
+    """The run's resolved config (config.yaml, written when the run started)."""
+    if not run_dir.is_dir():
+        raise UserError(f"run directory {run_dir} does not exist: pass a folder under outputs/ that a run wrote")
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"{run_dir} has no config.yaml, so it is not an llmtune run directory: pass the folder a run "
+                        "wrote (outputs/<date>/<time>_<model>-<method>-rag=<bool>)")
+    return OmegaConf.load(path)
+
+
+def prompt_format_of(run_dir: Path, cfg: DictConfig, tokenizer) -> PromptFormat:
+    saved = run_dir / PROMPT_FILE
+    if saved.is_file():
+        return PromptFormat(**json.loads(saved.read_text(encoding="utf-8")))
+    if cfg.method.get("demonstrations"):
+        raise UserError(f"{run_dir} has no {PROMPT_FILE} (written by runs since llmtune 0.1), so its few-shot "
+                        "demonstrations are unknown: run the few-shot job again")
+    return PromptFormat.from_config(cfg.model, cfg.dataset, tokenizer)
+
+
+def load_run(run_dir: str | Path, model_path: str | Path | None = None, dtype: str | None = None,
+             dequantize: bool = False) -> LoadedRun:
+    """Load a run to predict with: model_path (an exported folder with config.json, or a .gguf file) or else the
+    run's own weights on its base model. dtype overrides the model's configured dtype. dequantize: a 4-bit base
+    (qlora) is loaded as trained, then turned back into plain tensors of dtype, ready for merging the adapter."""
+    run_dir = Path(run_dir)
+    cfg = run_config(run_dir)
+    if cfg.get("rag"):
+        raise UserError(f"{run_dir} was trained with rag=true: its prompts need retrieved context, which predict, "
+                        "serve and export do not retrieve yet; use a rag=false run")
+    if cfg.method.get("head", "lm") != "lm":
+        raise UserError(f"{run_dir} is a method={cfg.method.name} run (a classification head, no prompt): predict, "
+                        "serve and export take LM-method runs (instruct, causal, qlora, zeroshot, fewshot)")
+    torch_dtype = getattr(torch, dtype or cfg.model.dtype)
+    if model_path is not None:
+        tokenizer, model = _load_exported(Path(model_path), torch_dtype)
+    else:
+        tokenizer, model = _load_own_weights(run_dir, cfg, torch_dtype, dequantize)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    labels = None if cfg.dataset.get("task", "classification") == "qa" else list(cfg.dataset.labels)
+    return LoadedRun(run_dir, cfg, tokenizer, model.eval(), prompt_format_of(run_dir, cfg, tokenizer), labels)
+
+
+def _load_own_weights(run_dir: Path, cfg: DictConfig, torch_dtype: torch.dtype, dequantize: bool):
+    from llmtune.models.loader import load_base_model, prepare_model_dir
+
+    if (run_dir / "model" / "config.json").is_file():  # method.full_finetune=true
+        return _load_exported(run_dir / "model", torch_dtype)
+    adapter = run_dir / "adapter"
+    if cfg.method.train and not (adapter / "adapter_config.json").is_file():
+        raise UserError(f"{run_dir} has no adapter/ (the run did not finish?): check {run_dir / 'status.json'} "
+                        "and pick a completed run")
+    model_cfg = OmegaConf.merge(cfg.model, {"dtype": str(torch_dtype).removeprefix("torch.")})
+    quantization = cfg.method.get("quantization")
+    tokenizer, model = load_base_model(prepare_model_dir(model_cfg, cfg.paths.cache_dir), model_cfg, quantization)
+    if quantization and dequantize:
+        # The NF4 values the adapter was trained against, not the original weights: merging into those would change
+        # what the adapter corrects. Merging into 4-bit weights directly would round the adapter away.
+        model = model.dequantize(dtype=torch_dtype)
+    elif quantization:
+        from llmtune.models.lora import keep_4bit_layout_trainable
+
+        # Score with the 4-bit layout the run trained and evaluated with (bitsandbytes' repacked CPU inference
+        # layout also fails on layers narrower than its 64-value block, e.g. the tiny model's).
+        keep_4bit_layout_trainable(model)
+    if cfg.method.train:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    return tokenizer, model
+
+
+def _load_exported(path: Path, torch_dtype: torch.dtype):
+    """An exported model: a folder saved with save_pretrained, or one GGUF file (transformers de-quantises it)."""
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UserError(f"GGUF file {path} does not exist: run llmtune export RUN_DIR format=gguf first")
+        source = dict(pretrained_model_name_or_path=path.parent, gguf_file=path.name)
+    elif (path / "config.json").is_file():
+        source = dict(pretrained_model_name_or_path=path, use_safetensors=True)
+    else:
+        raise UserError(f"model={path} is neither a model folder (config.json) nor a .gguf file: pass what "
+                        "llmtune export wrote")
+    tokenizer = AutoTokenizer.from_pretrained(**source)
+    model = AutoModelForCausalLM.from_pretrained(**source, dtype=torch_dtype)
+    return tokenizer, model
