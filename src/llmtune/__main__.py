@@ -31,23 +31,17 @@ def train(cfg: DictConfig) -> float | None:
     return run_job(cfg)
 
 
+# `llmtune COMMAND ...`: the module whose main(argv) runs it; anything else is a (multi)run's Hydra overrides.
+COMMANDS = {"sweep": "llmtune.sweep", "report": "llmtune.report.compare", "export": "llmtune.export.cli",
+            "predict": "llmtune.predict", "serve": "llmtune.serve"}
+
+
 def main() -> None:
     command = sys.argv[1] if len(sys.argv) > 1 else ""
-    if command == "sweep":
-        from llmtune.sweep import main as sweep
-        return report_user_errors(sweep)(sys.argv[2:])
-    if command == "report":
-        from llmtune.report.compare import main as report
-        return report_user_errors(report)(sys.argv[2:])
-    if command == "serve":
-        from llmtune.serve import main as serve
-        return report_user_errors(serve)(sys.argv[2:])
-    if command == "export":
-        from llmtune.export.cli import main as export
-        return report_user_errors(export)(sys.argv[2:])
-    if command == "predict":
-        from llmtune.predict import main as predict
-        return report_user_errors(predict)(sys.argv[2:])
+    if command in COMMANDS:
+        import importlib
+
+        return report_user_errors(importlib.import_module(COMMANDS[command]).main)(sys.argv[2:])
     report_user_errors(check_overrides)(sys.argv[1:])
     train()
     # Filled only by a multirun, where a failed job does not stop the grid.

@@ -27,7 +27,7 @@ SHOWN_BAD_ROWS = 10  # bad rows listed one per line on stderr; the rest are coun
 
 
 def main(argv: list[str]) -> None:
-    if not argv or "=" in argv[0]:
+    if not argv or argv[0] in ("-h", "--help"):  # RUN_DIR comes first; its name may hold "=" (rag=False)
         raise UserError("usage: llmtune predict RUN_DIR input=FILE|- [output=jsonl|csv|json] [out=FILE|-] "
                         "[model=PATH] [batch_size=N]")
     run_dir, options = Path(argv[0]), parse_options(argv[1:], OPTIONS, "predict")

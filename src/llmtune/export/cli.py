@@ -8,7 +8,6 @@ After writing, the export re-predicts the run's test rows (GGUF through transfor
 below min_agreement with the run's predictions.jsonl (default 0.99; 0.97 for q8_0).
 """
 
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -28,7 +27,7 @@ OPTIONS = {"format": "merged", "quant": None, "dtype": None, "out": None, "max_s
 
 
 def main(argv: list[str]) -> None:
-    if not argv or "=" in argv[0]:
+    if not argv or argv[0] in ("-h", "--help"):  # RUN_DIR comes first; its name may hold "=" (rag=False)
         raise UserError("usage: llmtune export RUN_DIR format=merged|gguf|ollama [quant=f16|q8_0] [out=DIR] "
                         "[min_agreement=0.99] [check=true]")
     run_dir, options = Path(argv[0]), parse_options(argv[1:], OPTIONS, "export")
