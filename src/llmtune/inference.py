@@ -151,6 +151,8 @@ def _load_exported(path: Path, torch_dtype: torch.dtype):
         if not path.is_file():
             raise UserError(f"GGUF file {path} does not exist: run llmtune export RUN_DIR format=gguf first")
         source = dict(pretrained_model_name_or_path=path.parent, gguf_file=path.name)
+        # transformers keeps GGUF weights packed and its kernels compute in fp32: another dtype only adds casts.
+        torch_dtype = torch.float32
     elif (path / "config.json").is_file():
         source = dict(pretrained_model_name_or_path=path, use_safetensors=True)
     else:

@@ -43,7 +43,7 @@ def main(argv: list[str]) -> None:
             raise UserError(f"quant={quant} is not a GGUF type llmtune writes; use one of {', '.join(OUTTYPES)}")
     out = Path(options["out"] or run_dir / "export" / fmt)
     out.mkdir(parents=True, exist_ok=True)
-    console = Console()
+    console = Console(soft_wrap=True)  # one line per message, also when piped to a log
 
     if fmt == "merged":
         model_path = export_merged(run_dir, out, options["dtype"], options["max_shard_size"])
