@@ -5,6 +5,7 @@ import netrc
 import os
 import re
 import sys
+from pathlib import Path
 from urllib.parse import urlparse
 
 from omegaconf import DictConfig, OmegaConf
@@ -117,7 +118,12 @@ def wandb_logger(name: str, group: str, project: str, save_dir: str, mode: str =
         return logger
 
     try:
-        return start(mode)
+        logger = start(mode)
+        if mode == "offline":  # say where the run went: nothing was uploaded
+            run_dir = Path(logger.experiment.dir).parent
+            print(f"llmtune: W&B logs offline to {run_dir}; upload it later with `wandb sync {run_dir}`",
+                  file=sys.stderr)
+        return logger
     except Exception as error:  # wandb raises several types (CommError, UsageError, timeouts)
         if mode != "online":
             raise

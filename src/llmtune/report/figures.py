@@ -96,11 +96,16 @@ def plot_metric_vs_param(path: Path, by_value: pd.DataFrame, key: str, label: st
     figure, axis = plt.subplots(figsize=(6.0, 4.0))
     axis.errorbar(x, by_value["mean"], yerr=by_value["std"].fillna(0.0), fmt="o-", capsize=4)
     # Learning rates and ranks are tried on a multiplicative grid: equal ratios should look equally far apart.
-    if x.min() > 0 and x.max() / x.min() > 10:
+    if x.min() > 0 and x.max() / x.min() > 3:
         axis.set_xscale("log")
-    axis.set_xticks(x, [f"{format_value(float(value))}\n(n={count})" for value, count in zip(x, by_value["count"])])
+    # Sampled values (random/Bayesian sweeps) can fall close together: slanted one-line labels do not overlap, and
+    # the run count moves to the axis title when every point has the same.
+    counts = by_value["count"].tolist()
+    same_count = len(set(counts)) == 1
+    labels = [format_value(float(value)) + ("" if same_count else f" (n={n})") for value, n in zip(x, counts)]
+    axis.set_xticks(x, labels, **({"rotation": 30, "ha": "right"} if len(x) > 3 else {}))
     axis.xaxis.set_minor_formatter(NullFormatter())
-    axis.set_xlabel(key)
+    axis.set_xlabel(f"{key} (n={counts[0]} per point)" if same_count else key)
     axis.set_ylabel(metric)
     axis.set_title(f"{metric} vs {label}: mean ± std over the other parameters and seeds", fontsize=10)
     axis.grid(alpha=0.3)
