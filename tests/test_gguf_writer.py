@@ -75,6 +75,7 @@ def test_metadata_and_tensor_types(exports, tiny_model_dir):
     assert fields["llama.block_count"].contents() == config["num_hidden_layers"]
     assert fields["llama.attention.head_count_kv"].contents() == config["num_key_value_heads"]
     assert fields["tokenizer.ggml.model"].contents() == "gpt2"
+    assert fields["tokenizer.ggml.pre"].contents() == "gpt-2"  # the name llama.cpp's vocabulary loader accepts
     assert fields["tokenizer.ggml.add_bos_token"].contents() is True
     types = {tensor.name: tensor.tensor_type for tensor in reader.tensors}
     assert types["token_embd.weight"] == gguf.GGMLQuantizationType.Q8_0

@@ -228,7 +228,7 @@ def _add_bpe_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, config: dict) -
     merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in model.get("merges", [])]
 
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt2")
+    writer.add_tokenizer_pre("gpt-2")  # llama.cpp's name for GPT-2's split regex; it refuses "gpt2" here
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
@@ -243,7 +243,7 @@ def _add_bpe_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, config: dict) -
 
 
 def _is_gpt2_byte_level(pre: dict) -> bool:
-    """A single ByteLevel pre-tokenizer using its built-in GPT-2 regex and no prefix space: llama.cpp's "gpt2"."""
+    """A single ByteLevel pre-tokenizer using its built-in GPT-2 regex and no prefix space: llama.cpp's "gpt-2"."""
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     return (len(steps) == 1 and steps[0].get("type") == "ByteLevel" and steps[0].get("use_regex", True)
             and not steps[0].get("add_prefix_space", False))
