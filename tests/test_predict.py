@@ -94,3 +94,19 @@ def test_predict_names_a_missing_column_and_an_empty_input(tiny_run, cache_dir, 
     assert result.returncode == 2 and "no 'text' column" in result.stderr and "text_column=NAME" in result.stderr
     result = run_llmtune(["predict", str(tiny_run), "input=-"], cache_dir, stdin='{"x": 1}\n')
     assert result.returncode == 2 and "no usable rows (0 of 1)" in result.stderr
+
+
+def test_rag_run_predicts_with_the_runs_own_retrieved_context(cache_dir, tmp_path):
+    """A rag=true run: predict rebuilds its retriever and training split, so the run's test predictions repeat."""
+    run_dir = tmp_path / "rag-run"
+    result = run_llmtune(["model=tiny", "rag=true", "retriever=bm25", "trainer.max_epochs=1",
+                          "dataset.split.train_per_class=15", "dataset.split.test_per_class=5", "eval.baseline=false",
+                          f"hydra.run.dir={run_dir}"], cache_dir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    run_rows = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
+    loaded = load_run(run_dir)
+    prompts = loaded.prompts([r["text"] for r in run_rows])
+    assert all(r["retrieved"][0]["text"] in p for r, p in zip(run_rows, prompts))  # the same demonstrations
+    for prediction, row in zip(loaded.classify([r["text"] for r in run_rows]), run_rows):
+        assert prediction["label"] == row["predicted"]
+        assert prediction["scores"] == pytest.approx(row["scores"], abs=2e-4)

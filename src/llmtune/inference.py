@@ -6,6 +6,7 @@ they classify exactly as the run's own evaluation did.
 """
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,15 @@ class LoadedRun:
     model: object
     prompt_format: PromptFormat
     labels: list[str] | None  # None for Q&A runs
+    # rag=true: the run's retriever, adding `context` (and `retrieved`) to rows {"text": ...}; None for rag=false
+    add_context: Callable[[list[dict]], None] | None = None
+
+    def prompts(self, texts: list[str], prompt_format: PromptFormat | None = None) -> list[str]:
+        """Each text's prompt as the run built it: with rag=true, what the run's retriever finds goes in too."""
+        rows = [{"text": text} for text in texts]
+        if self.add_context is not None:
+            self.add_context(rows)
+        return [(prompt_format or self.prompt_format).prompt(r["text"], r.get("context", "")) for r in rows]
 
     @property
     def name(self) -> str:
@@ -38,7 +48,7 @@ class LoadedRun:
         if self.labels is None:
             raise UserError(f"run {self.run_dir} is a Q&A run: it generates answers and has no labels to classify "
                             "into; use a classification run")
-        prompts = [self.prompt_format.prompt(text) for text in texts]
+        prompts = self.prompts(texts)
         answers = [self.prompt_format.answer(label) for label in self.labels]
         loglik = label_log_likelihoods(self.model, self.tokenizer, prompts, answers,
                                        batch_size or self.cfg.eval.batch_size, desc)
@@ -99,9 +109,6 @@ def load_run(run_dir: str | Path, model_path: str | Path | None = None, dtype: s
     (qlora) is loaded as trained, then turned back into plain tensors of dtype, ready for merging the adapter."""
     run_dir = Path(run_dir)
     cfg = run_config(run_dir)
-    if cfg.get("rag"):
-        raise UserError(f"{run_dir} was trained with rag=true: its prompts need retrieved context, which predict, "
-                        "serve and export do not retrieve yet; use a rag=false run")
     if cfg.method.get("head", "lm") != "lm":
         raise UserError(f"{run_dir} is a method={cfg.method.name} run (a classification head, no prompt): predict, "
                         "serve and export take LM-method runs (instruct, causal, qlora, zeroshot, fewshot)")
@@ -113,7 +120,22 @@ def load_run(run_dir: str | Path, model_path: str | Path | None = None, dtype: s
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     labels = None if cfg.dataset.get("task", "classification") == "qa" else list(cfg.dataset.labels)
-    return LoadedRun(run_dir, cfg, tokenizer, model.eval(), prompt_format_of(run_dir, cfg, tokenizer), labels)
+    add_context = _run_retriever(cfg, labels) if cfg.get("rag") else None
+    return LoadedRun(run_dir, cfg, tokenizer, model.eval(), prompt_format_of(run_dir, cfg, tokenizer), labels,
+                     add_context)
+
+
+def _run_retriever(cfg: DictConfig, labels: list[str] | None) -> Callable[[list[dict]], None]:
+    """The run's retriever, rebuilt from its config (the index comes from the cache when unchanged): document chunks
+    for Q&A; for classification, the run's own training split, drawn again with its seed."""
+    from llmtune.rag.context import document_retriever, example_retriever
+
+    if labels is None:
+        return document_retriever(cfg.retriever, cfg.dataset, cfg.paths.cache_dir)[0]
+    from llmtune.data.loading import load_rows, split_per_class
+
+    train = split_per_class(load_rows(cfg.dataset), labels, cfg.dataset.split, cfg.seed)["train"]
+    return example_retriever(cfg.retriever, train, cfg.paths.cache_dir)[0]
 
 
 def _load_own_weights(run_dir: Path, cfg: DictConfig, torch_dtype: torch.dtype, dequantize: bool):

@@ -12,7 +12,8 @@ Routes (the model id is the run's folder name; a request naming another model ge
     POST /v1/chat/completions   {"messages": [...], "max_tokens"?, "temperature"?, "stop"?}: the prompt is the run's
                                 prompt format; a system message replaces the run's instruction (few-shot
                                 demonstrations included), the last message must be the user's and is the input, and
-                                earlier turns go before it as "role: content" lines, a blank line apart
+                                earlier turns go before it as "role: content" lines, a blank line apart;
+                                a rag=true run retrieves context for that text as the run did
     POST /v1/completions        {"prompt": str, ...}: the raw continuation of the prompt as given
 
 Generation: temperature defaults to 0 (greedy, reproducible, as the run's evaluation decodes; up to 2 samples),
@@ -223,8 +224,8 @@ def create_app(loaded: "LoadedRun", max_body_bytes: int = 65536, max_new_tokens:
             raise ApiError(400, f"input has {len(texts)} texts; send 1 to {MAX_CLASSIFY_INPUTS} per request",
                            "too_many_inputs" if texts else "invalid_request")
         with lock:
-            for text in texts:
-                check_prompt(loaded.prompt_format.prompt(text))
+            for prompt in loaded.prompts(texts):
+                check_prompt(prompt)
             results = loaded.classify(texts)
         return {"object": "list", "model": loaded.name,
                 "data": [{"index": i, **result} for i, result in enumerate(results)]}
@@ -241,7 +242,8 @@ def create_app(loaded: "LoadedRun", max_body_bytes: int = 65536, max_new_tokens:
             else loaded.prompt_format
         turns = [f"{m.role}: {m.content}" for m in history if m.role != "system"]
         text = "\n".join(turns) + "\n\n" + last.content if turns else last.content
-        result = generate(prompt_format.prompt(text), request, stop + loaded.stop_texts(), max_tokens)
+        # rag=true runs: the run's retriever adds what it finds for this text, as in the run's own prompts.
+        result = generate(loaded.prompts([text], prompt_format)[0], request, stop + loaded.stop_texts(), max_tokens)
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": loaded.name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": result["text"]},

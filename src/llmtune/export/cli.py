@@ -41,6 +41,9 @@ def main(argv: list[str]) -> None:
 
         if quant not in OUTTYPES:
             raise UserError(f"quant={quant} is not a GGUF type llmtune writes; use one of {', '.join(OUTTYPES)}")
+    if fmt == "ollama" and cfg.get("rag"):
+        raise UserError("this run was trained with rag=true and Ollama cannot retrieve context for its prompts: "
+                        "export format=gguf or format=merged and add the retrieved context in your application")
     out = Path(options["out"] or run_dir / "export" / fmt)
     out.mkdir(parents=True, exist_ok=True)
     console = Console(soft_wrap=True)  # one line per message, also when piped to a log
