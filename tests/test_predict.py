@@ -1,5 +1,7 @@
 """`llmtune predict`: files and stdin in, one record per good row out, bad rows named by line, never silently."""
 
+import csv
+import io
 import json
 from pathlib import Path
 
@@ -110,3 +112,22 @@ def test_rag_run_predicts_with_the_runs_own_retrieved_context(cache_dir, tmp_pat
     for prediction, row in zip(loaded.classify([r["text"] for r in run_rows]), run_rows):
         assert prediction["label"] == row["predicted"]
         assert prediction["scores"] == pytest.approx(row["scores"], abs=2e-4)
+
+
+def test_qa_rag_run_answers_questions_as_its_evaluation_did(cache_dir, tmp_path):
+    run_dir = tmp_path / "qa-run"
+    result = run_llmtune(["model=tiny", "dataset=hr_demo", "rag=true", "retriever=bm25", "trainer.max_epochs=1",
+                          "eval.baseline=false", "eval.generation.max_new_tokens=6", f"hydra.run.dir={run_dir}"],
+                         cache_dir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    run_rows = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()][:4]
+    stdin = "".join(json.dumps({"question": r["text"]}) + "\n" for r in run_rows)
+    result = run_llmtune(["predict", str(run_dir), "input=-", "output=csv"], cache_dir, stdin=stdin)
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert [r["text"] for r in records] == [r["text"] for r in run_rows]
+    assert [r["answer"] for r in records] == [r["predicted"] for r in run_rows]  # greedy: the run's own answers
+    for record, row in zip(records, run_rows):  # the same chunks retrieved, named by document and page
+        assert record["sources"].split("; ") == [f"{c['source']} p.{c['page']}" for c in row["retrieved"]]
+    result = run_llmtune(["predict", str(run_dir), "input=-", "output=json"], cache_dir, stdin=stdin)
+    assert result.returncode == 2 and "is a Q&A run: output=json" in result.stderr

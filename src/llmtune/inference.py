@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmtune.data.prompts import PromptFormat
 from llmtune.errors import UserError
+from llmtune.evaluation.generation import answer_questions
 from llmtune.evaluation.scoring import label_log_likelihoods
 
 PROMPT_FILE = "prompt.json"  # the run's final prompt format (few-shot demonstrations included), written by run.py
@@ -55,6 +56,18 @@ class LoadedRun:
         probs = torch.softmax(loglik, dim=1)
         return [{"label": self.labels[int(p.argmax())], "confidence": round(float(p.max()), 5),
                  "scores": {label: round(float(v), 5) for label, v in zip(self.labels, p)}} for p in probs]
+
+    def answer(self, texts: list[str], batch_size: int | None = None, desc: str = "answering") -> list[dict]:
+        """[{answer (, sources)}] per question, generated as the run's evaluation generates (greedy by default, the
+        first line kept); rag=true runs also name the chunks the answer was given."""
+        rows = [{"id": i, "text": text, "answer": "", "tokens": []} for i, text in enumerate(texts)]
+        if self.add_context is not None:
+            self.add_context(rows)
+        predictions = answer_questions(self.model, self.tokenizer, rows, self.prompt_format,
+                                       self.cfg.eval.generation, batch_size or self.cfg.eval.batch_size, desc)
+        return [{"answer": p["predicted"],
+                 **({"sources": [f"{c['source']} p.{c['page']}" for c in r["retrieved"]]} if "retrieved" in r else {})}
+                for p, r in zip(predictions, rows)]
 
     @torch.no_grad()
     def generate(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,

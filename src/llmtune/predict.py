@@ -3,8 +3,9 @@
 Reads a CSV (a `text` column, or the run's dataset.text_column) or JSONL (objects with that key, or bare strings),
 classifies every row with the run's model (its adapter, or an exported folder/GGUF with model=PATH) and writes one
 record per row: jsonl/csv give the label, its confidence and every label's probability; json gives the structured
-form {"<label_name>": label, "confidence": p, "reasoning": "..."}, checked against a JSON schema. Bad rows are
-reported with their line numbers and skipped, never silently.
+form {"<label_name>": label, "confidence": p, "reasoning": "..."}, checked against a JSON schema. A Q&A run reads
+questions (dataset.question_column) and writes each generated answer, with the retrieved sources for rag=true. Bad
+rows are reported with their line numbers and skipped, never silently.
 """
 
 import csv
@@ -37,10 +38,12 @@ def main(argv: list[str]) -> None:
         raise UserError(f"output={options['output']} is not known; use one of {', '.join(OUTPUTS)}")
     source, text = _read_input(options["input"])
     loaded = load_run(run_dir, options["model"])
-    if loaded.labels is None:
-        raise UserError(f"{run_dir} is a Q&A run; llmtune predict classifies: use a classification run, or "
-                        "llmtune serve for generated answers")
-    column = options["text_column"] or loaded.cfg.dataset.get("text_column") or "text"
+    qa = loaded.labels is None  # a Q&A run answers each question; a classification run labels each text
+    if qa and options["output"] == "json":
+        raise UserError(f"{run_dir} is a Q&A run: output=json is the structured form of a classification; use "
+                        "output=jsonl or output=csv for its answers")
+    dataset = loaded.cfg.dataset
+    column = options["text_column"] or dataset.get("question_column" if qa else "text_column") or "text"
     rows, bad = parse_rows(text, source, column)
     _report_bad_rows(bad, source)
     if not rows:
@@ -48,10 +51,15 @@ def main(argv: list[str]) -> None:
                         "text_column=NAME if the text is in another column")
 
     started = time.perf_counter()
-    predictions = loaded.classify([r["text"] for r in rows], options["batch_size"] or None, desc="predicting")
+    texts, batch_size = [r["text"] for r in rows], options["batch_size"] or None
+    if qa:
+        records = [{**_kept(row), "text": row["text"], **answer}
+                   for row, answer in zip(rows, loaded.answer(texts, batch_size, desc="answering"))]
+    else:
+        label_name = dataset.get("label_name") or "label"
+        records = [_record(row, p, options["output"], label_name)
+                   for row, p in zip(rows, loaded.classify(texts, batch_size, desc="predicting"))]
     seconds = time.perf_counter() - started
-    label_name = loaded.cfg.dataset.get("label_name") or "label"
-    records = [_record(row, p, options["output"], label_name) for row, p in zip(rows, predictions)]
     summary = f"predicted {len(records)} rows in {seconds:.1f} s ({len(records) / seconds:.1f} rows/s)"
     if options["output"] == "json":
         valid = validate_structured(records, structured_schema(label_name, loaded.labels))
@@ -153,8 +161,13 @@ def validate_structured(records: list[dict], schema: dict) -> int:
     return sum(validator.is_valid(record["output"]) for record in records)
 
 
+def _kept(row: dict) -> dict:
+    """Where the record came from: its line in the input file, and its id when the input has one."""
+    return {k: row[k] for k in ("line", "id") if k in row}
+
+
 def _record(row: dict, prediction: dict, output: str, label_name: str) -> dict:
-    keep = {k: row[k] for k in ("line", "id") if k in row}
+    keep = _kept(row)
     if output == "json":
         # Label scoring reads no free-text explanation from the model (generating one would cost ~0.4 s per token
         # here); the reasoning states what the decision rests on: the label probabilities.
@@ -167,13 +180,15 @@ def _record(row: dict, prediction: dict, output: str, label_name: str) -> dict:
 
 
 def _to_csv(records: list[dict]) -> str:
-    labels = list(records[0]["scores"])
+    """One row per record; a classification's label probabilities as p_<label> columns, a Q&A's sources joined."""
+    scores = list(records[0].get("scores", {}))
+    fields = ["line", "id", "text", *(["label", "confidence"] if scores else ["answer"])]
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["line", "id", "text", "label", "confidence", *[f"p_{label}" for label in labels]])
+    writer.writerow(fields + [f"p_{label}" for label in scores] + (["sources"] if "sources" in records[0] else []))
     for r in records:
-        writer.writerow([r["line"], r.get("id", ""), r["text"], r["label"], r["confidence"],
-                         *[r["scores"][label] for label in labels]])
+        writer.writerow([r.get(f, "") for f in fields] + [r["scores"][label] for label in scores]
+                        + (["; ".join(r["sources"])] if "sources" in r else []))
     return buffer.getvalue()
 
 
