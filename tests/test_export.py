@@ -43,7 +43,8 @@ def test_merged_export_loads_with_plain_transformers_and_matches_the_adapter(tin
 def test_parity_reports_agreement_and_fails_loudly_below_the_threshold(tiny_run, tmp_path):
     merged = export_merged(tiny_run, tmp_path / "merged")
     parity = check_parity(tiny_run, merged, 0.99)
-    assert parity["passed"] and parity["agreement"] == 1.0 and parity["accuracy_delta"] == 0.0
+    assert parity["passed"] and parity["agreement"] == 1.0 and parity["delta"] == 0.0
+    assert parity["metric"] == "accuracy"
     run_rows = [json.loads(line) for line in (tiny_run / "predictions.jsonl").read_text().splitlines()]
     assert parity["rows"] == len(run_rows)
 
@@ -136,3 +137,16 @@ def test_adapter_merged_and_gguf_predictions_agree(tiny_run, cache_dir, tmp_path
     prompt_format = load_run(tiny_run, q8).prompt_format
     assert modelfile.startswith(f"FROM ./{q8.name}\n")
     assert render_template(modelfile, prompt_format.instruction, TEXTS[1]) == prompt_format.prompt(TEXTS[1])
+
+
+def test_qa_export_repeats_the_runs_generated_answers(cache_dir, tmp_path):
+    run_dir = tmp_path / "qa-run"
+    result = run_llmtune(["model=tiny", "dataset=hr_demo", "trainer.max_epochs=1", "eval.baseline=false",
+                          "eval.generation.max_new_tokens=6", f"hydra.run.dir={run_dir}"], cache_dir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    result = run_llmtune(["export", str(run_dir), "format=merged", "dtype=float32"], cache_dir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    parity = json.loads((run_dir / "export" / "merged" / "parity.json").read_text())
+    run_rouge = json.loads((run_dir / "metrics.json").read_text())["results"]["tuned"]["rougeL"]
+    assert parity["metric"] == "rougeL" and parity["rows"] == 18 and parity["agreement"] == 1.0
+    assert parity["run_score"] == pytest.approx(run_rouge, abs=1e-4) and parity["delta"] == 0.0

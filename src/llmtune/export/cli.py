@@ -60,12 +60,12 @@ def main(argv: list[str]) -> None:
                 _write_modelfile(run_dir, cfg, merged, out, model_path.name)
     console.print(f"[bold]exported[/] {fmt}{f' ({quant})' if fmt != 'merged' else ''} -> {out}  "
                   f"({_size_mb(model_path):,.1f} MB)")
-    if options["check"] and cfg.dataset.get("task", "classification") == "classification":
+    if options["check"]:
         threshold = float(options["min_agreement"] or MIN_AGREEMENT.get(quant if fmt != "merged" else "", 0.99))
         parity = check_parity(run_dir, model_path, threshold)
         console.print(f"parity on {parity['rows']} test rows: agreement {parity['agreement']:.1%} "
-                      f"(min {threshold:.0%}), accuracy {parity['export_accuracy']:.3f} vs run "
-                      f"{parity['run_accuracy']:.3f} (delta {parity['accuracy_delta']:+.3f}), {parity['seconds']} s")
+                      f"(min {threshold:.0%}), {parity['metric']} {parity['export_score']:.3f} vs run "
+                      f"{parity['run_score']:.3f} (delta {parity['delta']:+.3f}), {parity['seconds']} s")
 
 
 def _write_modelfile(run_dir: Path, cfg, merged: Path, out: Path, gguf_name: str) -> None:

@@ -5,6 +5,7 @@ import time
 from pathlib import Path
 
 from llmtune.errors import UserError
+from llmtune.evaluation.metrics import text_generation_metrics
 from llmtune.inference import load_run
 from llmtune.report.outputs import write_atomic
 
@@ -17,19 +18,29 @@ def run_predictions(run_dir: Path) -> list[dict]:
 
 
 def check_parity(run_dir: Path, model_path: Path, min_agreement: float) -> dict:
-    """Label agreement and accuracy delta of the exported model against the run's own test predictions, written
+    """Agreement of the exported model with the run's own test predictions (labels; for Q&A, identical generated
+    answers) and the change in the run's headline metric (accuracy; Q&A: ROUGE-L against the references), written
     beside it (a folder's parity.json, or <file>.parity.json); below min_agreement it raises (the files stay, for
     inspection)."""
     rows = run_predictions(run_dir)
     started = time.perf_counter()
     exported = load_run(run_dir, model_path)
-    predicted = [p["label"] for p in exported.classify([r["text"] for r in rows], desc=f"parity: {model_path.name}")]
+    texts, desc = [r["text"] for r in rows], f"parity: {model_path.name}"
+    if exported.labels is None:  # Q&A: greedy answers, so an unchanged model repeats them word for word
+        predicted = [a["answer"] for a in exported.answer(texts, desc=desc)]
+        metric = "rougeL"
+        def score(answers):
+            return text_generation_metrics(answers, [r["gold"] for r in rows])["rougeL"]
+    else:
+        predicted = [p["label"] for p in exported.classify(texts, desc=desc)]
+        metric = "accuracy"
+        def score(labels):
+            return sum(label == r["gold"] for label, r in zip(labels, rows)) / len(rows)
     agree = sum(p == r["predicted"] for p, r in zip(predicted, rows))
-    run_accuracy = sum(r["predicted"] == r["gold"] for r in rows) / len(rows)
-    accuracy = sum(p == r["gold"] for p, r in zip(predicted, rows)) / len(rows)
+    run_score, export_score = score([r["predicted"] for r in rows]), score(predicted)
     parity = {"model": str(model_path), "rows": len(rows), "agreement": round(agree / len(rows), 4),
-              "disagreements": len(rows) - agree, "run_accuracy": round(run_accuracy, 4),
-              "export_accuracy": round(accuracy, 4), "accuracy_delta": round(accuracy - run_accuracy, 4),
+              "disagreements": len(rows) - agree, "metric": metric, "run_score": round(run_score, 4),
+              "export_score": round(export_score, 4), "delta": round(export_score - run_score, 4),
               "min_agreement": min_agreement, "passed": agree / len(rows) >= min_agreement,
               "seconds": round(time.perf_counter() - started, 1)}
     report = (model_path / "parity.json" if model_path.is_dir()
