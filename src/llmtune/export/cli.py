@@ -5,7 +5,8 @@
     ollama  -> RUN_DIR/export/ollama/          the GGUF + a Modelfile (`ollama create NAME -f Modelfile`)
 
 After writing, the export re-predicts the run's test rows (GGUF through transformers' gguf_file= loader) and fails
-below min_agreement with the run's predictions.jsonl (default 0.99; 0.97 for q8_0).
+below min_agreement with the run's predictions.jsonl (default 0.99; 0.97 for q8_0; Q&A runs: 0.8 mean ROUGE-L of
+the answers against the run's own).
 """
 
 import tempfile
@@ -22,6 +23,9 @@ from llmtune.options import parse_options
 FORMATS = ("merged", "gguf", "ollama")
 DEFAULT_QUANT = {"gguf": "f16", "ollama": "q8_0"}
 MIN_AGREEMENT = {"q8_0": 0.97}  # everything else: 0.99; Q8_0 rounds each weight to 8 bits, a few flips are expected
+# Q&A: mean ROUGE-L of the export's answers against the run's. A sound bf16 merge of the HR rag run repeated 83 of
+# 100 answers word for word; the others drift after one flipped greedy token, so identity alone is too strict.
+QA_MIN_AGREEMENT = 0.8
 OPTIONS = {"format": "merged", "quant": None, "dtype": None, "out": None, "max_shard_size": "1GB",
            "min_agreement": 0.0, "check": True}
 
@@ -61,7 +65,9 @@ def main(argv: list[str]) -> None:
     console.print(f"[bold]exported[/] {fmt}{f' ({quant})' if fmt != 'merged' else ''} -> {out}  "
                   f"({_size_mb(model_path):,.1f} MB)")
     if options["check"]:
-        threshold = float(options["min_agreement"] or MIN_AGREEMENT.get(quant if fmt != "merged" else "", 0.99))
+        qa = cfg.dataset.get("task", "classification") == "qa"
+        threshold = float(options["min_agreement"] or (QA_MIN_AGREEMENT if qa else
+                                                       MIN_AGREEMENT.get(quant if fmt != "merged" else "", 0.99)))
         parity = check_parity(run_dir, model_path, threshold)
         console.print(f"parity on {parity['rows']} test rows: agreement {parity['agreement']:.1%} "
                       f"(min {threshold:.0%}), {parity['metric']} {parity['export_score']:.3f} vs run "
