@@ -49,7 +49,11 @@ class LoadedRun:
         if self.labels is None:
             raise UserError(f"run {self.run_dir} is a Q&A run: it generates answers and has no labels to classify "
                             "into; use a classification run")
-        prompts = self.prompts(texts)
+        return self.classify_prompts(self.prompts(texts), batch_size, desc)
+
+    def classify_prompts(self, prompts: list[str], batch_size: int | None = None, desc: str = "classifying"
+                         ) -> list[dict]:
+        """classify() for prompts already built with prompts() (e.g. checked for length first)."""
         answers = [self.prompt_format.answer(label) for label in self.labels]
         loglik = label_log_likelihoods(self.model, self.tokenizer, prompts, answers,
                                        batch_size or self.cfg.eval.batch_size, desc)

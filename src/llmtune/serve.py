@@ -224,9 +224,10 @@ def create_app(loaded: "LoadedRun", max_body_bytes: int = 65536, max_new_tokens:
             raise ApiError(400, f"input has {len(texts)} texts; send 1 to {MAX_CLASSIFY_INPUTS} per request",
                            "too_many_inputs" if texts else "invalid_request")
         with lock:
-            for prompt in loaded.prompts(texts):
+            prompts = loaded.prompts(texts)  # with rag=true, retrieval runs once per text
+            for prompt in prompts:
                 check_prompt(prompt)
-            results = loaded.classify(texts)
+            results = loaded.classify_prompts(prompts)
         return {"object": "list", "model": loaded.name,
                 "data": [{"index": i, **result} for i, result in enumerate(results)]}
 
