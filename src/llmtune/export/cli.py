@@ -18,6 +18,7 @@ from llmtune.errors import UserError
 from llmtune.export.merged import export_merged
 from llmtune.export.parity import check_parity
 from llmtune.inference import run_config
+from llmtune.models.loader import packaged_gguf
 from llmtune.options import parse_options
 
 FORMATS = ("merged", "gguf", "ollama")
@@ -58,8 +59,10 @@ def main(argv: list[str]) -> None:
         # GGUF is written from a merged fp32 folder, so quantisation rounds the merged weights exactly once.
         with tempfile.TemporaryDirectory(dir=out, prefix=".merging-") as scratch:
             merged = export_merged(run_dir, Path(scratch) / "merged", dtype="float32")
+            # The tokenizer fields come verbatim from the GGUF the base was converted from, when it has one.
             model_path = write_gguf(merged, out / f"{cfg.model.name}-{cfg.method.name}-{quant}.gguf", quant,
-                                    tokenizer_gguf=_source_gguf(cfg), name=run_dir.name)
+                                    tokenizer_gguf=packaged_gguf(cfg.model) if cfg.model.get("gguf") else None,
+                                    name=run_dir.name)
             if fmt == "ollama":
                 _write_modelfile(run_dir, cfg, merged, out, model_path.name)
     console.print(f"[bold]exported[/] {fmt}{f' ({quant})' if fmt != 'merged' else ''} -> {out}  "
@@ -87,15 +90,6 @@ def _write_modelfile(run_dir: Path, cfg, merged: Path, out: Path, gguf_name: str
     longest = max(len(tokenizer(prompt_format.answer(label), add_special_tokens=False).input_ids)
                   for label in labels) if labels else None
     write_modelfile(out, gguf_name, prompt_format, longest)
-
-
-def _source_gguf(cfg) -> Path | None:
-    """The GGUF the base model was converted from (model.gguf): its tokenizer fields are copied verbatim."""
-    if not cfg.model.get("gguf"):
-        return None
-    import importlib
-
-    return Path(importlib.import_module(cfg.model.gguf.package).assemble())
 
 
 def _size_mb(path: Path) -> float:

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from llmtune.inference import PROMPT_FILE, load_run
+from llmtune.models.loader import as_plain_tensors
 
 
 def export_merged(run_dir: Path, out_dir: Path, dtype: str | None = None, max_shard_size: str = "1GB") -> Path:
@@ -17,9 +18,7 @@ def export_merged(run_dir: Path, out_dir: Path, dtype: str | None = None, max_sh
     model = loaded.model
     if hasattr(model, "merge_and_unload"):  # a PeftModel; zeroshot/fewshot runs have no adapter to merge
         model = model.merge_and_unload()
-    if getattr(model.config, "quantization_config", None) is not None:  # plain tensors now: save them as such
-        del model.config.quantization_config
-        model.hf_quantizer, model.is_quantized = None, False
+    model = as_plain_tensors(model)  # a de-quantised QLoRA base: save plain tensors, no bitsandbytes marker
     dtype = dtype or loaded.cfg.model.dtype
     model = model.to(getattr(torch, dtype))
     partial = out_dir.with_name(out_dir.name + ".partial")

