@@ -18,8 +18,8 @@ from llmtune.data.prompts import PromptFormat
 from llmtune.errors import UserError
 from llmtune.evaluation.generation import answer_questions
 from llmtune.evaluation.scoring import label_log_likelihoods
+from llmtune.report.outputs import PROMPT_FILE
 
-PROMPT_FILE = "prompt.json"  # the run's final prompt format (few-shot demonstrations included), written by run.py
 
 
 @dataclass

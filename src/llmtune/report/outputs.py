@@ -2,6 +2,7 @@
 
 import json
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ from rich.table import Table
 # The rows of the base-vs-tuned table, by task.
 HEADLINE = {"classification": ["accuracy", "macro_f1", "macro_precision", "macro_recall"],
             "qa": ["bleu", "rouge1", "rouge2", "rougeL", "ngram_similarity", "token_presence"]}
+PROMPT_FILE = "prompt.json"  # read back by llmtune.inference: predict, serve and export prompt as the run did
 RETRIEVAL_EXAMPLES = 3  # rag=true: test rows shown in report.md with what was retrieved for them
 
 
@@ -27,9 +29,7 @@ def write_metrics(run_dir: Path, summary: dict) -> None:
 
 def write_prompt(run_dir: Path, prompt_format) -> None:
     """The run's final prompt format (instruction with any few-shot demonstrations, templates) as prompt.json."""
-    from dataclasses import asdict
-
-    write_atomic(run_dir / "prompt.json", json.dumps(asdict(prompt_format), indent=2, ensure_ascii=False) + "\n")
+    write_atomic(run_dir / PROMPT_FILE, json.dumps(asdict(prompt_format), indent=2, ensure_ascii=False) + "\n")
 
 
 def write_predictions(run_dir: Path, tuned: list[dict], base: list[dict] | None, rows: list[dict]) -> list[dict]:
