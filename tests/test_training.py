@@ -113,10 +113,16 @@ def test_label_scoring_single_and_multi_token_paths_agree_with_a_manual_sum(tiny
     single = [a for a in (" the", " of", " in", " to", " and")
               if len(tokenizer(a, add_special_tokens=False).input_ids) == 1]
     assert len(single) >= 2
+    # Its LM head keeps only the answers' rows: log-probabilities normalised over the answers, so each row is the
+    # full log-probabilities shifted by one constant and the softmax over the answers is the same.
     fast = label_log_likelihoods(model, tokenizer, prompts, single, batch_size=3, reuse_prefix=reuse_prefix)
     slow = label_log_likelihoods(model, tokenizer, prompts, single + [" positive outlook"], batch_size=3,
                                  reuse_prefix=reuse_prefix)[:, :-1]
-    torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(fast.exp().sum(1), torch.ones(len(prompts)))
+    shift = (slow - fast)[:, :1]
+    assert (shift < -1e-3).all()  # the full vocabulary holds more than these answers
+    torch.testing.assert_close(fast + shift, slow, atol=1e-4, rtol=1e-4)
+    assert model.get_output_embeddings().out_features == len(tokenizer)  # the full head is back
 
 
 @pytest.mark.parametrize("method", ["instruct", "causal"])

@@ -6,18 +6,24 @@ sentiment prompt that is ~45 of ~80 tokens, about half the work.
 """
 
 import copy
+from contextlib import nullcontext
 
 import torch
 from tqdm.auto import tqdm
 
 from llmtune.data.prompts import IGNORE_INDEX, PromptFormat, pad_batch, shared_prefix_length
-from llmtune.models.logits import labelled_logits, prefix_cache
+from llmtune.models.logits import labelled_logits, prefix_cache, vocabulary_subset
 
 
 @torch.no_grad()
 def label_log_likelihoods(model, tokenizer, prompts: list[str], answers: list[str], batch_size: int,
                           desc: str = "scoring", reuse_prefix: bool = True) -> torch.Tensor:
-    """[len(prompts), len(answers)] summed log-probabilities of each answer's tokens after each prompt."""
+    """[len(prompts), len(answers)] summed log-probabilities of each answer's tokens after each prompt.
+
+    When every answer is a single token, they are normalised over the answers instead of the whole vocabulary
+    (the LM head keeps only the answers' rows): each row then differs from the full log-probabilities by one
+    constant, so the argmax and the softmax over the answers, all that classification reads, are the same.
+    """
     model.eval()
     prompt_ids = [tokenizer(p).input_ids for p in prompts]
     answer_ids = [tokenizer(a, add_special_tokens=False).input_ids for a in answers]
@@ -29,18 +35,20 @@ def label_log_likelihoods(model, tokenizer, prompts: list[str], answers: list[st
     scores = torch.empty(len(prompts), len(answers))
     # Single-token labels: every label is read off the first label's position, one forward per prompt.
     single_token = all(len(ids) == 1 for ids in answer_ids)
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
-        rows = order[start:start + batch_size]
-        for j, ids in enumerate(answer_ids[:1] if single_token else answer_ids):
-            batch = pad_batch([{"input_ids": rests[i] + ids, "labels": [IGNORE_INDEX] * len(rests[i]) + ids}
-                               for i in rows], tokenizer.pad_token_id)
-            logits, targets, row_of = labelled_logits(model, batch, copy.deepcopy(cache))
-            log_probs = torch.log_softmax(logits, dim=-1)
-            if single_token:
-                scores[rows] = log_probs[:, [label_ids[0] for label_ids in answer_ids]]
-            else:
-                token_log_probs = log_probs.gather(1, targets[:, None])[:, 0]
-                scores[rows, j] = torch.zeros(len(rows)).index_add_(0, row_of, token_log_probs)
+    head = vocabulary_subset(model, [ids[0] for ids in answer_ids]) if single_token else nullcontext()
+    with head:
+        for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
+            rows = order[start:start + batch_size]
+            for j, ids in enumerate(answer_ids[:1] if single_token else answer_ids):
+                batch = pad_batch([{"input_ids": rests[i] + ids, "labels": [IGNORE_INDEX] * len(rests[i]) + ids}
+                                   for i in rows], tokenizer.pad_token_id)
+                logits, targets, row_of = labelled_logits(model, batch, copy.deepcopy(cache))
+                log_probs = torch.log_softmax(logits, dim=-1)
+                if single_token:  # the head's rows are the answers, in order
+                    scores[rows] = log_probs
+                else:
+                    token_log_probs = log_probs.gather(1, targets[:, None])[:, 0]
+                    scores[rows, j] = torch.zeros(len(rows)).index_add_(0, row_of, token_log_probs)
     return scores
 
 
