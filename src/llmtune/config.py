@@ -48,6 +48,16 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.method.get("quantization") and importlib.util.find_spec("bitsandbytes") is None:
         problems.append(f"method={cfg.method.name} quantises the base with bitsandbytes, which is not installed; "
                         "pip install bitsandbytes")
+    packing = cfg.trainer.get("packing")
+    if packing is not None and (isinstance(packing, bool) or not isinstance(packing, int) or packing < 1):
+        problems.append(f"trainer.packing={packing!r} must be a token count (e.g. 512) or null (off)")
+    elif packing and head != "lm":
+        problems.append(f"trainer.packing packs prompts for next-token training; method={cfg.method.name} trains a "
+                        "classification head on raw text: set trainer.packing=null")
+    elif packing and cfg.trainer.share_prefix and cfg.method.get("loss_on") == "answer":
+        problems.append(f"trainer.packing puts whole prompts end to end, so method={cfg.method.name} cannot also "
+                        "compute their shared instruction once (trainer.share_prefix, the faster of the two): set "
+                        "trainer.share_prefix=false to pack, or trainer.packing=null")
     for key in ("trainer.batch_size", "eval.batch_size"):
         if OmegaConf.select(cfg, key) < 1:
             problems.append(f"{key} must be at least 1")

@@ -150,6 +150,25 @@ def pad_batch(examples: list[dict[str, list[int]]], pad_id: int, prefix_ids: lis
     return batch
 
 
+def pack_batch(packs: list[list[dict[str, list[int]]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Each pack's examples end to end in one row, the rows right-padded to the longest.
+
+    Position ids restart at 0 with every example: transformers reads that as packed sequences and masks attention
+    block-diagonally (no example sees another), when the model is called without an attention mask and without a
+    cache. Each example's first token carries no label, as in an unpacked row, where nothing precedes it: here it
+    would otherwise be predicted from the previous example's last token. The padding continues as one more
+    sequence of its own, which nothing attends to and no loss reads.
+    """
+    rows = [{"input_ids": [t for e in pack for t in e["input_ids"]],
+             "labels": [t for e in pack for t in [IGNORE_INDEX] + e["labels"][1:]]} for pack in packs]
+    batch = pad_batch(rows, pad_id)
+    width = batch["input_ids"].shape[1]
+    batch["position_ids"] = torch.tensor([
+        [p for e in pack for p in range(len(e["input_ids"]))] + list(range(width - len(row["input_ids"])))
+        for pack, row in zip(packs, rows)])
+    return batch
+
+
 def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Non-padding tokens the batch stands for, its shared prefix counted once per row."""
     prefix = len(batch["prefix_ids"]) if "prefix_ids" in batch else 0

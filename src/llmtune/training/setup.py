@@ -7,11 +7,11 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from llmtune.data.batching import LengthPoolBatchSampler
-from llmtune.data.prompts import PromptFormat, encode_example, pad_batch, split_shared_prefix
+from llmtune.data.batching import LengthPoolBatchSampler, PackedBatchSampler, Packs
+from llmtune.data.prompts import PromptFormat, encode_example, pack_batch, pad_batch, split_shared_prefix
 
 # trainer/ keys that shape the loaders; every other trainer/ key goes to L.Trainer as it is.
-LOADER_KEYS = ("batch_size", "length_pool_batches", "share_prefix")
+LOADER_KEYS = ("batch_size", "length_pool_batches", "share_prefix", "packing")
 
 
 def encode_rows(rows: list[dict], tokenizer, prompt_format: PromptFormat, loss_on: str) -> list[dict]:
@@ -23,15 +23,21 @@ def encode_rows(rows: list[dict], tokenizer, prompt_format: PromptFormat, loss_o
 
 
 def make_loaders(train: list[dict], val: list[dict], trainer_cfg: DictConfig, pad_id: int, seed: int):
-    """Length-pooled, seeded training batches; the instruction shared by all rows is split off and computed once per
-    batch when trainer.share_prefix is on (loss and gradients are the same, up to float rounding)."""
+    """Length-pooled (or, with trainer.packing, packed), seeded training batches; the instruction shared by all rows
+    is split off and computed once per batch when trainer.share_prefix is on (loss and gradients are the same, up to
+    float rounding). Validation batches are never packed: val/loss stays comparable across settings."""
     def loader(examples, **options):
         prefix, rest = split_shared_prefix(examples) if trainer_cfg.share_prefix else ([], examples)
         return DataLoader(rest, collate_fn=partial(pad_batch, pad_id=pad_id, prefix_ids=prefix), **options)
 
-    batches = LengthPoolBatchSampler([len(e["input_ids"]) for e in train], trainer_cfg.batch_size,
-                                     trainer_cfg.length_pool_batches, seed)
-    return loader(train, batch_sampler=batches), loader(val, batch_size=trainer_cfg.batch_size) if val else None
+    lengths = [len(e["input_ids"]) for e in train]
+    if trainer_cfg.packing:  # rows end to end in sequences of up to `packing` tokens; batch_size counts those
+        batches = PackedBatchSampler(lengths, trainer_cfg.batch_size, trainer_cfg.packing, seed)
+        train_loader = DataLoader(Packs(train), batch_sampler=batches, collate_fn=partial(pack_batch, pad_id=pad_id))
+    else:
+        batches = LengthPoolBatchSampler(lengths, trainer_cfg.batch_size, trainer_cfg.length_pool_batches, seed)
+        train_loader = loader(train, batch_sampler=batches)
+    return train_loader, loader(val, batch_size=trainer_cfg.batch_size) if val else None
 
 
 def make_trainer(trainer_cfg: DictConfig, run_dir: Path, logger, callbacks: list, **overrides) -> L.Trainer:
