@@ -27,24 +27,25 @@ WARMUP_STEPS = 2  # first steps pay one-off costs (allocator growth, lazy init);
 
 
 # ---------------------------------------------------------------------------------------------------- shared inputs
-def product_config(args):
+def product_config(args, overrides=()):
     sys.path.insert(0, str(REPO / "src"))
     from hydra import compose, initialize_config_dir
 
     from llmtune.config import CONFIG_DIR, register_resolvers
 
     register_resolvers()
-    overrides = ["dataset=financial_phrasebank", f"dataset.path={args.data}"] if args.data else []
+    extra, overrides = overrides, ["dataset=financial_phrasebank", f"dataset.path={args.data}"] if args.data else []
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(config_name="train", overrides=overrides + [f"trainer.batch_size={args.batch_size}"])
+        return compose(config_name="train", overrides=[*overrides, f"trainer.batch_size={args.batch_size}",
+                                                       *extra])
 
 
-def inputs(args):
+def inputs(args, overrides=()):
     """Config, model folder, train rows (steps x batch) and test rows, split by the product's seeded protocol."""
     from llmtune.data.loading import load_rows, split_per_class
     from llmtune.models.loader import prepare_model_dir
 
-    cfg = product_config(args)
+    cfg = product_config(args, overrides)
     splits = split_per_class(load_rows(cfg.dataset), list(cfg.dataset.labels), cfg.dataset.split, cfg.seed)
     model_dir = prepare_model_dir(cfg.model, cfg.paths.cache_dir)
     return cfg, model_dir, splits["train"][: args.steps * args.batch_size], splits["test"][: args.sentences]
@@ -73,6 +74,10 @@ def arm_matmul(args):
             a @ b
             times.append(time.perf_counter() - start)
         result[f"{name}_tflops"] = 2 * 2048**3 / statistics.median(times) / 1e12
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), "")
+    result["cpu"] = f"{model or 'unknown CPU'}, {os.cpu_count()} cores, " + (
+        "AMX" if "amx_bf16" in cpuinfo else "AVX-512 BF16" if "avx512_bf16" in cpuinfo else "no bf16 units")
     return result
 
 
@@ -85,8 +90,9 @@ def arm_trl(args, compact):
     return train_trl(model_dir, prompts, answers, args.batch_size, args.steps, compact_logits=compact, lora=LORA)
 
 
-def arm_llmtune_train(args):
-    """The product's training path: bf16 frozen base, fp32 LoRA, length pools, labelled-position LM head."""
+def arm_llmtune_train(args, overrides=()):
+    """The product's training path: bf16 frozen base, fp32 LoRA, length pools, labelled-position LM head, the
+    shared instruction computed once per batch; with overrides, the same path for another method or setting."""
     import lightning as L
     import torch
     from omegaconf import OmegaConf
@@ -97,7 +103,7 @@ def arm_llmtune_train(args):
     from llmtune.training.module import FineTuner
     from llmtune.training.setup import encode_rows, make_loaders, make_trainer
 
-    cfg, model_dir, train_rows, _ = inputs(args)
+    cfg, model_dir, train_rows, _ = inputs(args, overrides)
     L.seed_everything(0, verbose=False)
     tokenizer, base = load_base_model(model_dir, cfg.model)
     model = add_lora(base, cfg.model, OmegaConf.create({**OmegaConf.to_container(cfg.method), "lora": LORA}))
@@ -106,7 +112,7 @@ def arm_llmtune_train(args):
                                    tokenizer.pad_token_id, seed=0)
 
     class StepTimer(L.Callback):
-        seconds, tokens, losses = [], [], []
+        seconds, tokens, computed, losses = [], [], [], []
 
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
             self.start = time.perf_counter()
@@ -114,6 +120,8 @@ def arm_llmtune_train(args):
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
             self.seconds.append(time.perf_counter() - self.start)
             self.tokens.append(batch_tokens(batch))
+            # positions the hardware ran: every padded position, the shared prefix once per batch
+            self.computed.append(batch["input_ids"].numel() + len(batch.get("prefix_ids", ())))
             self.losses.append(float(outputs["loss"]))
 
     timer = StepTimer()
@@ -126,6 +134,8 @@ def arm_llmtune_train(args):
     frozen_non_embedding = sum(p.numel() for p in model.parameters() if not p.requires_grad) - embedding
     return {"tokens_per_s": sum(timed_tok) / sum(timed_s), "s_per_step": statistics.median(timed_s),
             "steps": len(timer.seconds), "tokens": sum(timed_tok), "losses": timer.losses,
+            "computed_positions_per_s": sum(timer.computed[WARMUP_STEPS:]) / sum(timed_s),
+            "sequences_per_step": train_loader.batch_sampler.batch_size, "overrides": list(overrides),
             "non_embedding_params": frozen_non_embedding, "threads": torch.get_num_threads(),
             "setting": "llmtune FineTuner + Lightning Trainer as `python -m llmtune` builds them"}
 
@@ -141,6 +151,7 @@ def arm_generate(args):
 
 
 def arm_llmtune_score(args):
+    from llmtune.data.prompts import shared_prefix_length
     from llmtune.evaluation.scoring import label_log_likelihoods
     from llmtune.models.loader import load_base_model
 
@@ -152,11 +163,16 @@ def arm_llmtune_score(args):
 
         model = PeftModel.from_pretrained(model, args.adapter)
     labels = list(cfg.dataset.labels)
+    prompt_ids = [tokenizer(p).input_ids for p in prompts]
+    # positions each sentence runs through the model: its tokens after the shared instruction, plus the label's
+    positions = sum(len(ids) - shared_prefix_length(prompt_ids) + 1 for ids in prompt_ids) / len(prompts)
     label_log_likelihoods(model, tokenizer, prompts[:4], [fmt.answer(x) for x in labels], 4)  # warm-up, untimed
     start = time.perf_counter()
     scores = label_log_likelihoods(model, tokenizer, prompts, [fmt.answer(x) for x in labels], args.eval_batch_size)
     seconds = time.perf_counter() - start
-    return {"sentences_per_s": len(prompts) / seconds, "seconds": seconds,
+    embedding = model.get_input_embeddings().weight.numel()
+    return {"sentences_per_s": len(prompts) / seconds, "seconds": seconds, "positions_per_sentence": positions,
+            "non_embedding_params": sum(p.numel() for p in model.parameters()) - embedding,
             "predictions": [labels[i] for i in scores.argmax(1).tolist()]}
 
 
@@ -165,6 +181,11 @@ ARMS = {
     "trl_default": lambda args: arm_trl(args, compact=False),
     "trl_compact": lambda args: arm_trl(args, compact=True),
     "llmtune_train": arm_llmtune_train,
+    # method=causal (loss on every token, so the LM head runs at every position) padded vs packed: 2 packs of
+    # 320 tokens hold about as many tokens as 8 padded rows of ~80
+    "llmtune_causal": lambda args: arm_llmtune_train(args, ["method=causal"]),
+    "llmtune_causal_packed": lambda args: arm_llmtune_train(
+        args, ["method=causal", "trainer.packing=320", f"trainer.batch_size={max(1, args.batch_size // 4)}"]),
     "generate_parse": arm_generate,
     "llmtune_score": arm_llmtune_score,
 }
@@ -197,6 +218,15 @@ def report(results, args):
                          f"{train['tokens_per_s'] / r['tokens_per_s']:.2f}x |")
             summary[f"train_ratio_vs_{name}"] = train["tokens_per_s"] / r["tokens_per_s"]
         lines.append("")
+    if "llmtune_causal" in results and "llmtune_causal_packed" in results:
+        padded, packed = results["llmtune_causal"], results["llmtune_causal_packed"]
+        lines += ["| method=causal | tokens/s | s/step | sequences/step | peak RSS GiB | packed ÷ this |",
+                  "|---|---|---|---|---|---|"]
+        for name, r in (("padded rows", padded), ("packed (trainer.packing=320)", packed)):
+            lines.append(f"| {name} | {r['tokens_per_s']:.0f} | {r['s_per_step']:.2f} | {r['sequences_per_step']} | "
+                         f"{r['peak_rss_gib']:.2f} | {packed['tokens_per_s'] / r['tokens_per_s']:.2f}x |")
+        summary["causal_packed_vs_padded"] = packed["tokens_per_s"] / padded["tokens_per_s"]
+        lines.append("")
     if "generate_parse" in results and "llmtune_score" in results:
         generate, score = results["generate_parse"], results["llmtune_score"]
         lines += ["| inference | sentences/s | seconds | peak RSS GiB | llmtune ÷ this |", "|---|---|---|---|---|"]
@@ -214,16 +244,36 @@ def report(results, args):
     if "matmul" in results:
         peak = results["matmul"]["bf16_tflops"]
         summary.update(bf16_matmul_tflops=peak, fp32_matmul_tflops=results["matmul"]["fp32_tflops"])
-        lines.append(f"bf16 matmul {peak:.2f} TFLOPS (fp32 {results['matmul']['fp32_tflops']:.2f}).")
+        lines.append(f"{results['matmul']['cpu']}: bf16 matmul {peak:.2f} TFLOPS (fp32 "
+                     f"{results['matmul']['fp32_tflops']:.2f}).")
         if "llmtune_train" in results:
             # LoRA on a frozen base: forward 2N FLOPs/token, backward 2N for the input gradients (no weight
             # gradients for frozen N); the LoRA matrices (~1% of N) and the answer-position LM head are left out.
+            # Model FLOPs count every trained token, each row's copy of the shared instruction included (the work a
+            # plain implementation does); hardware FLOPs count the positions actually run (the prefix once per
+            # batch, padding included).
             train = results["llmtune_train"]
-            summary["llmtune_train_tflops"] = train["tokens_per_s"] * 4 * train["non_embedding_params"] / 1e12
+            per_token = 4 * train["non_embedding_params"]
+            summary["llmtune_train_tflops"] = train["tokens_per_s"] * per_token / 1e12
             summary["llmtune_train_utilisation"] = summary["llmtune_train_tflops"] / peak
-            lines.append(f"llmtune training {summary['llmtune_train_tflops']:.3f} TFLOPS = "
-                         f"{100 * summary['llmtune_train_utilisation']:.0f}% of the bf16 peak; batch "
-                         f"{args.batch_size}, {args.steps} steps ({WARMUP_STEPS} warm-up), {train['threads']} threads.")
+            summary["llmtune_train_hardware_tflops"] = train["computed_positions_per_s"] * per_token / 1e12
+            summary["llmtune_train_hardware_utilisation"] = summary["llmtune_train_hardware_tflops"] / peak
+            lines.append(f"llmtune training {summary['llmtune_train_tflops']:.3f} TFLOPS of model FLOPs = "
+                         f"{100 * summary['llmtune_train_utilisation']:.0f}% of the bf16 peak (hardware FLOPs, the "
+                         f"shared prefix once per batch: {summary['llmtune_train_hardware_tflops']:.3f} TFLOPS = "
+                         f"{100 * summary['llmtune_train_hardware_utilisation']:.0f}%); batch {args.batch_size}, "
+                         f"{args.steps} steps ({WARMUP_STEPS} warm-up), {train['threads']} threads.")
+        if "llmtune_score" in results:
+            # Scoring is a forward pass: 2N FLOPs per position; the label-rows-only LM head is left out.
+            score = results["llmtune_score"]
+            per_sentence = 2 * score["non_embedding_params"] * score["positions_per_sentence"]
+            summary["llmtune_score_utilisation"] = score["sentences_per_s"] * per_sentence / 1e12 / peak
+            summary["sentences_per_s_at_the_bf16_peak"] = peak * 1e12 / per_sentence
+            lines.append(f"llmtune scoring {score['sentences_per_s']:.1f} sentences/s x "
+                         f"{score['positions_per_sentence']:.1f} positions x 2 x "
+                         f"{score['non_embedding_params'] / 1e6:.0f}M = "
+                         f"{100 * summary['llmtune_score_utilisation']:.0f}% of the bf16 peak; at 100% it would "
+                         f"score {summary['sentences_per_s_at_the_bf16_peak']:.0f} sentences/s.")
     return "\n".join(lines), summary
 
 
