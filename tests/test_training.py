@@ -11,7 +11,7 @@ from llmtune.data.prompts import PromptFormat, batch_tokens, encode_example, pad
 from llmtune.data.prompts import shared_prefix_length
 from llmtune.evaluation.scoring import classify, label_log_likelihoods
 from llmtune.models.loader import load_base_model
-from llmtune.models.logits import labelled_logits
+from llmtune.models.logits import ChunkedCrossEntropy, labelled_logits
 from llmtune.models.lora import add_lora
 from llmtune.training.module import FineTuner, next_token_loss
 
@@ -150,3 +150,40 @@ def test_shared_prefix_gives_the_same_loss_and_gradients(tiny_model_dir, method)
     assert any(g.abs().sum() > 0 for g in plain_grads.values())
     for name, grad in plain_grads.items():
         torch.testing.assert_close(shared_grads[name], grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["instruct", "causal"])
+def test_chunked_cross_entropy_gives_the_plain_loss_and_gradients(tiny_model_dir, method, monkeypatch):
+    """next_token_loss applies the frozen LM head a few positions at a time (ChunkedCrossEntropy); it must equal
+    the full logits + F.cross_entropy, in value and in every LoRA gradient, with and without autograd."""
+    cfg, tokenizer, model = tiny_peft(tiny_model_dir, method)
+    model.train()
+    examples = [encode_example(tokenizer, FORMAT.prompt(r["text"]), FORMAT.answer(r["label"]), cfg.method.loss_on)
+                for r in ROWS[:5]]
+    batch = pad_batch(examples, tokenizer.pad_token_id)
+    vocabulary = model.get_output_embeddings().weight.shape[0]
+    monkeypatch.setattr(ChunkedCrossEntropy, "CHUNK_BYTES", 4 * vocabulary * 3)  # 3 positions a chunk: many chunks
+    chunked_calls = []
+    apply = ChunkedCrossEntropy.apply
+    monkeypatch.setattr(ChunkedCrossEntropy, "apply", lambda *args: chunked_calls.append(1) or apply(*args))
+
+    def plain_loss(model, batch):
+        logits, targets, _ = labelled_logits(model, batch)
+        return torch.nn.functional.cross_entropy(logits, targets)
+
+    def loss_and_grads(loss_fn):
+        model.zero_grad()
+        loss = loss_fn(model, batch)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, plain_grads = loss_and_grads(plain_loss)
+    chunked, chunked_grads = loss_and_grads(next_token_loss)
+    assert chunked_calls, "the chunked path was not taken"
+    torch.testing.assert_close(chunked, plain, atol=1e-5, rtol=1e-5)
+    assert any(g.abs().sum() > 0 for g in plain_grads.values())
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(chunked_grads[name], grad, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():  # validation: no gradient work, the same loss
+        torch.testing.assert_close(next_token_loss(model, batch), plain, atol=1e-5, rtol=1e-5)
+    assert model.get_output_embeddings().weight.shape[0] == vocabulary  # the LM head is back

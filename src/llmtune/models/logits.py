@@ -49,6 +49,16 @@ def labelled_logits(model, batch: dict[str, torch.Tensor], cache=None):
 
 
 @contextmanager
+def output_head(model, head: torch.nn.Module):
+    """Inside the block the model's LM head is `head`; the model's own comes back afterwards."""
+    original = model.get_output_embeddings()
+    model.set_output_embeddings(head)
+    try:
+        yield
+    finally:
+        model.set_output_embeddings(original)
+
+
 def vocabulary_subset(model, token_ids: list[int]):
     """Inside the block the model's LM head has only token_ids' rows: logits come out [..., len(token_ids)].
 
@@ -64,8 +74,68 @@ def vocabulary_subset(model, token_ids: list[int]):
     subset.weight = torch.nn.Parameter(head.weight.detach()[rows].clone(), requires_grad=False)
     if head.bias is not None:
         subset.bias = torch.nn.Parameter(head.bias.detach()[rows].clone(), requires_grad=False)
-    model.set_output_embeddings(subset)
-    try:
-        yield
-    finally:
-        model.set_output_embeddings(head)
+    return output_head(model, subset)
+
+
+def labelled_loss(model, batch: dict[str, torch.Tensor], cache=None) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled positions: labelled_logits + F.cross_entropy, the same value
+    and gradients, without ever holding the [positions, vocabulary] logits.
+
+    With the loss on every token (method=causal) a batch of 8 rows of ~80 tokens has ~640 labelled positions: 640 x
+    262,144 fp32 logits are 671 MB, and the cast, log-softmax and their backward each write another such tensor; that
+    memory traffic was over half of a causal training step here. The model runs with its LM head swapped out, so it
+    returns the labelled positions' hidden states, and chunked_cross_entropy applies the frozen head a few dozen
+    positions at a time. A head that trains, carries a bias, or whose logits the model reshapes after the head
+    (final_logit_softcapping: Gemma 2) takes the plain path.
+    """
+    head = model.get_output_embeddings()
+    plain = (head.weight.requires_grad or getattr(head, "bias", None) is not None
+             or getattr(model.config, "final_logit_softcapping", None))
+    if plain:
+        logits, targets, _ = labelled_logits(model, batch, cache)
+        return F.cross_entropy(logits, targets)
+    with output_head(model, torch.nn.Identity()):
+        hidden, targets, _ = labelled_logits(model, batch, cache)        # [N, hidden size]
+    return ChunkedCrossEntropy.apply(hidden.to(head.weight.dtype), head.weight, targets)
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """mean(cross_entropy(hidden @ weight.T, targets)) for a frozen weight, a chunk of positions at a time.
+
+    The gradient with respect to hidden is computed in the forward pass, chunk by chunk, while each chunk's logits
+    are at hand: d loss / d logits = (softmax - one_hot) / N, and d loss / d hidden = that @ weight. So nothing of
+    size [N, vocabulary] is kept for the backward pass, and two chunk-sized buffers serve every chunk. Precision
+    follows the plain path: logits come out of the matmul in the weight's dtype and the softmax runs in fp32.
+    """
+
+    CHUNK_BYTES = 64 << 20  # fp32 logits per chunk: 64 rows of Gemma's 262,144-token vocabulary
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets):
+        count, vocabulary = len(targets), weight.shape[0]
+        rows = max(1, ChunkedCrossEntropy.CHUNK_BYTES // (4 * vocabulary))
+        logits = torch.empty((min(rows, count), vocabulary), dtype=weight.dtype, device=weight.device)
+        probs = torch.empty(logits.shape, dtype=torch.float32, device=weight.device)
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None  # not while validating
+        total = torch.zeros((), dtype=torch.float32, device=weight.device)
+        for start in range(0, count, rows):
+            n = min(rows, count - start)
+            chunk_logits, chunk_probs, chunk_targets = logits[:n], probs[:n], targets[start:start + n]
+            torch.mm(hidden[start:start + n], weight.T, out=chunk_logits)
+            chunk_probs.copy_(chunk_logits)
+            log_norm = torch.logsumexp(chunk_probs, dim=1)
+            picked = chunk_probs.gather(1, chunk_targets[:, None])[:, 0]
+            total += (log_norm - picked).sum()
+            if grad_hidden is None:
+                continue
+            chunk_probs.sub_(log_norm[:, None]).exp_()                    # softmax, in place
+            chunk_probs[torch.arange(n, device=weight.device), chunk_targets] -= 1
+            chunk_logits.copy_(chunk_probs.div_(count))                   # d loss / d logits, in the matmul dtype
+            torch.mm(chunk_logits, weight, out=grad_hidden[start:start + n])
+        ctx.save_for_backward(grad_hidden)
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_loss.to(grad_hidden.dtype), None, None

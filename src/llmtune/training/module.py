@@ -6,11 +6,10 @@ from collections.abc import Callable
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from transformers import get_cosine_schedule_with_warmup
 
 from llmtune.data.prompts import batch_tokens
-from llmtune.models.logits import labelled_logits, prefix_cache
+from llmtune.models.logits import labelled_loss, prefix_cache
 
 log = logging.getLogger(__name__)
 
@@ -18,8 +17,7 @@ log = logging.getLogger(__name__)
 def next_token_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean cross-entropy over the labelled tokens (answer tokens for instruct, every token for causal)."""
     cache = prefix_cache(model, batch["prefix_ids"]) if "prefix_ids" in batch else None
-    logits, targets, _ = labelled_logits(model, batch, cache)
-    return F.cross_entropy(logits, targets)
+    return labelled_loss(model, batch, cache)
 
 
 # bitsandbytes' paged optimizers: optimizer state in CUDA unified memory, paged to the CPU under memory pressure.
