@@ -84,8 +84,8 @@ def labelled_loss(model, batch: dict[str, torch.Tensor], cache=None) -> torch.Te
     With the loss on every token (method=causal) a batch of 8 rows of ~80 tokens has ~640 labelled positions: 640 x
     262,144 fp32 logits are 671 MB, and the cast, log-softmax and their backward each write another such tensor; that
     memory traffic was over half of a causal training step here. The model runs with its LM head swapped out, so it
-    returns the labelled positions' hidden states, and chunked_cross_entropy applies the frozen head a few dozen
-    positions at a time. A head that trains, carries a bias, or whose logits the model reshapes after the head
+    returns the labelled positions' hidden states, and ChunkedCrossEntropy applies the frozen head to them 64 (for
+    Gemma's vocabulary) at a time. A head that trains, carries a bias, or whose logits the model reshapes after the head
     (final_logit_softcapping: Gemma 2) takes the plain path.
     """
     head = model.get_output_embeddings()
