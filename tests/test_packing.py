@@ -85,9 +85,10 @@ def test_packed_sampler_packs_every_row_once_within_the_length():
 
 def test_packing_config_is_checked():
     check_config(compose_config(["method=causal", "trainer.packing=256"]))
-    for overrides, problem in ((["method=instruct", "trainer.packing=256"], "trainer.share_prefix=false"),
-                               (["method=causal", "trainer.packing=0"], "must be a token count"),
-                               (["method=classifier", "model=distilbert", "trainer.packing=256"], "classification head")):
+    bad = ((["method=instruct", "trainer.packing=256"], "trainer.share_prefix=false"),
+           (["method=causal", "trainer.packing=0"], "must be a token count"),
+           (["method=classifier", "model=distilbert", "trainer.packing=256"], "classification head"))
+    for overrides, problem in bad:
         with pytest.raises(UserError, match=problem):
             check_config(compose_config(overrides))
     check_config(compose_config(["method=instruct", "trainer.packing=256", "trainer.share_prefix=false"]))
