@@ -34,10 +34,10 @@ def product_config(args, overrides=()):
     from llmtune.config import CONFIG_DIR, register_resolvers
 
     register_resolvers()
-    extra, overrides = overrides, ["dataset=financial_phrasebank", f"dataset.path={args.data}"] if args.data else []
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(config_name="train", overrides=[*overrides, f"trainer.batch_size={args.batch_size}",
-                                                       *extra])
+    data = ["dataset=financial_phrasebank", f"dataset.path={args.data}"] if args.data else []
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):  # an arm's overrides come last and win
+        return compose(config_name="train",
+                       overrides=[*data, f"trainer.batch_size={args.batch_size}", *overrides])
 
 
 def inputs(args, overrides=()):
@@ -49,6 +49,13 @@ def inputs(args, overrides=()):
     splits = split_per_class(load_rows(cfg.dataset), list(cfg.dataset.labels), cfg.dataset.split, cfg.seed)
     model_dir = prepare_model_dir(cfg.model, cfg.paths.cache_dir)
     return cfg, model_dir, splits["train"][: args.steps * args.batch_size], splits["test"][: args.sentences]
+
+
+def non_embedding_params(model) -> int:
+    """The frozen base's parameters that do matmul work per token (N in the FLOP counts): all but the embedding
+    table and any LoRA matrices."""
+    base = sum(p.numel() for name, p in model.named_parameters() if "lora_" not in name)
+    return base - model.get_input_embeddings().weight.numel()
 
 
 def prompts_and_answers(cfg, rows):
@@ -132,13 +139,11 @@ def arm_llmtune_train(args, overrides=()):
                                max_epochs=-1, enable_checkpointing=False, enable_progress_bar=False)
         trainer.fit(FineTuner(model, **OmegaConf.to_container(cfg.method.optimizer)), train_loader)
     timed_s, timed_tok = timer.seconds[WARMUP_STEPS:], timer.tokens[WARMUP_STEPS:]
-    embedding = model.get_input_embeddings().weight.numel()
-    frozen_non_embedding = sum(p.numel() for p in model.parameters() if not p.requires_grad) - embedding
     return {"tokens_per_s": sum(timed_tok) / sum(timed_s), "s_per_step": statistics.median(timed_s),
             "steps": len(timer.seconds), "tokens": sum(timed_tok), "losses": timer.losses,
             "computed_positions_per_s": sum(timer.computed[WARMUP_STEPS:]) / sum(timed_s),
             "sequences_per_step": train_loader.batch_sampler.batch_size, "overrides": list(overrides),
-            "non_embedding_params": frozen_non_embedding, "threads": torch.get_num_threads(),
+            "non_embedding_params": non_embedding_params(model), "threads": torch.get_num_threads(),
             "setting": "llmtune FineTuner + Lightning Trainer as `python -m llmtune` builds them"}
 
 
@@ -167,14 +172,14 @@ def arm_llmtune_score(args):
     labels = list(cfg.dataset.labels)
     prompt_ids = [tokenizer(p).input_ids for p in prompts]
     # positions each sentence runs through the model: its tokens after the shared instruction, plus the label's
-    positions = sum(len(ids) - shared_prefix_length(prompt_ids) + 1 for ids in prompt_ids) / len(prompts)
+    prefix = shared_prefix_length(prompt_ids)
+    positions = sum(len(ids) - prefix + 1 for ids in prompt_ids) / len(prompts)
     label_log_likelihoods(model, tokenizer, prompts[:4], [fmt.answer(x) for x in labels], 4)  # warm-up, untimed
     start = time.perf_counter()
     scores = label_log_likelihoods(model, tokenizer, prompts, [fmt.answer(x) for x in labels], args.eval_batch_size)
     seconds = time.perf_counter() - start
-    embedding = model.get_input_embeddings().weight.numel()
     return {"sentences_per_s": len(prompts) / seconds, "seconds": seconds, "positions_per_sentence": positions,
-            "non_embedding_params": sum(p.numel() for p in model.parameters()) - embedding,
+            "non_embedding_params": non_embedding_params(model),
             "predictions": [labels[i] for i in scores.argmax(1).tolist()]}
 
 
