@@ -11,11 +11,11 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from peft import LoraConfig, get_peft_model
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from llmtune.data.batching import LengthPoolBatchSampler
 from llmtune.errors import UserError
+from llmtune.evaluation.batches import length_sorted_batches
 from llmtune.models.lora import lora_settings
 
 
@@ -85,11 +85,8 @@ def classify_with_head(model, tokenizer, rows: list[dict], labels: list[str], ba
     """Predictions for rows, as classify gives them: {id, text, gold, predicted, scores (softmax over labels)}."""
     model.eval()
     ids = _token_ids(tokenizer, [r["text"] for r in rows], max_length)
-    # Batches of similar length waste little on padding; each row's probabilities go back to its own index.
-    order = sorted(range(len(rows)), key=lambda i: len(ids[i]))
-    probs = torch.empty(len(rows), len(labels))
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
-        batch = order[start:start + batch_size]
+    probs = torch.full((len(rows), len(labels)), float("nan"))
+    for batch in length_sorted_batches([len(row_ids) for row_ids in ids], batch_size, desc):
         inputs = tokenizer.pad({"input_ids": [ids[i] for i in batch]}, return_tensors="pt").to(model.device)
         probs[batch] = torch.softmax(model(**inputs).logits.float(), dim=-1).cpu()
     return [{"id": r["id"], "text": r["text"], "gold": r["label"], "predicted": labels[int(p.argmax())],

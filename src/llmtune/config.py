@@ -1,6 +1,7 @@
 """Where the configs live, the resolvers they use, and the checks that need no model or data."""
 
 import importlib.util
+import secrets
 from pathlib import Path
 
 import torch
@@ -12,16 +13,29 @@ from llmtune.errors import UserError
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
+# Drawn once per process and put in the run folder's name: runs started in the same second get different folders,
+# while every job of one multirun shares its sweep folder.
+RUN_ID = secrets.token_hex(3)
+
+
 def register_resolvers() -> None:
     from llmtune.data.loading import resource_path
 
     if not OmegaConf.has_resolver("llmtune_resource"):
         OmegaConf.register_new_resolver("llmtune_resource", resource_path)
+    if not OmegaConf.has_resolver("llmtune_run_id"):
+        OmegaConf.register_new_resolver("llmtune_run_id", lambda: RUN_ID)
+
+
+# Switches a typo must not turn on: Hydra reads `rag=no` as the string "no", which Python would take as true.
+BOOLEAN_KEYS = ("rag", "eval.baseline", "eval.generation.do_sample", "trainer.share_prefix", "method.train",
+                "method.full_finetune", "method.gradient_checkpointing", "model.trust_remote_code")
 
 
 def check_config(cfg: DictConfig) -> None:
     """Collect every problem the config alone shows, and raise them together as one line."""
-    problems = []
+    problems = [f"{key}={OmegaConf.select(cfg, key)!r} must be true or false"
+                for key in BOOLEAN_KEYS if not isinstance(OmegaConf.select(cfg, key, default=False), bool)]
     qa = cfg.dataset.get("task", "classification") == "qa"
     head = cfg.method.get("head", "lm")
     if cfg.rag and head == "classifier":

@@ -105,7 +105,7 @@ def run_config(run_dir: Path) -> DictConfig:
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise UserError(f"{run_dir} has no config.yaml, so it is not an llmtune run directory: pass the folder a run "
-                        "wrote (outputs/<date>/<time>_<model>-<method>-rag=<bool>)")
+                        "wrote (outputs/<date>/<time>-<id>_<model>-<method>-rag=<bool>)")
     return OmegaConf.load(path)
 
 

@@ -18,7 +18,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from llmtune.errors import UserError
-from llmtune.report.outputs import write_atomic
+from llmtune.files import write_atomic
 from llmtune.tracking import finish_wandb, mask_secrets, public_config, secret_values
 
 log = logging.getLogger(__name__)

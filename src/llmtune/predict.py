@@ -9,6 +9,7 @@ rows are reported with their line numbers and skipped, never silently.
 """
 
 import csv
+import hashlib
 import io
 import json
 import sys
@@ -20,9 +21,11 @@ import jsonschema
 from llmtune.errors import UserError
 from llmtune.inference import load_run
 from llmtune.options import parse_options
-from llmtune.report.outputs import write_atomic
+from llmtune.files import same_file, write_atomic
 
-OPTIONS = {"input": None, "output": "jsonl", "out": None, "model": None, "batch_size": 0, "text_column": None}
+# batch_size=0: the run's eval.batch_size
+OPTIONS = {"input": None, "output": "jsonl", "out": None, "model": None, "batch_size": 0, "text_column": None,
+           "overwrite": False}
 OUTPUTS = ("jsonl", "csv", "json")
 SHOWN_BAD_ROWS = 10  # bad rows listed one per line on stderr; the rest are counted
 
@@ -30,12 +33,15 @@ SHOWN_BAD_ROWS = 10  # bad rows listed one per line on stderr; the rest are coun
 def main(argv: list[str]) -> None:
     if not argv or argv[0] in ("-h", "--help"):  # RUN_DIR comes first; its name may hold "=" (rag=False)
         raise UserError("usage: llmtune predict RUN_DIR input=FILE|- [output=jsonl|csv|json] [out=FILE|-] "
-                        "[model=PATH] [batch_size=N]")
+                        "[model=PATH] [batch_size=N] [overwrite=false]")
     run_dir, options = Path(argv[0]), parse_options(argv[1:], OPTIONS, "predict")
     if not options["input"]:
         raise UserError("llmtune predict needs input=FILE (a .csv or .jsonl file) or input=- (stdin)")
     if options["output"] not in OUTPUTS:
         raise UserError(f"output={options['output']} is not known; use one of {', '.join(OUTPUTS)}")
+    if options["batch_size"] < 0:
+        raise UserError(f"batch_size={options['batch_size']} must be at least 1 (or 0 for the run's eval.batch_size)")
+    out = output_path(run_dir, options)  # checked before the model loads
     source, text = _read_input(options["input"])
     loaded = load_run(run_dir, options["model"])
     qa = loaded.labels is None  # a Q&A run answers each question; a classification run labels each text
@@ -65,17 +71,35 @@ def main(argv: list[str]) -> None:
         valid = validate_structured(records, structured_schema(label_name, loaded.labels))
         summary += f"; JSON schema valid: {valid}/{len(records)} ({valid / len(records):.1%})"
 
-    default_out = "-" if options["input"] == "-" else run_dir / "predict" / f"{source.stem}.{_ext(options['output'])}"
-    out = str(options["out"] or default_out)
     body = _to_csv(records) if options["output"] == "csv" else "".join(
         json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     if out == "-":
         sys.stdout.write(body)
     else:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(Path(out), body)
+        write_atomic(out, body)
         summary += f" -> {out}"
     print(f"[llmtune] {summary}; skipped {len(bad)} bad rows", file=sys.stderr)
+
+
+def output_path(run_dir: Path, options: dict) -> Path | str:
+    """out=FILE, or "-" for stdout; by default RUN_DIR/predict/<input name>-<hash of its full path>.<ext>, so two
+    inputs of one name in different folders never share an output. An existing file is replaced only with
+    overwrite=true, and never the input itself."""
+    name, out = options["input"], options["out"]
+    if out == "-" or (out is None and name == "-"):
+        return "-"
+    if out is None:
+        digest = hashlib.sha256(str(Path(name).resolve()).encode("utf-8")).hexdigest()[:8]
+        out = run_dir / "predict" / f"{Path(name).stem}-{digest}.{_ext(options['output'])}"
+    out = Path(out)
+    if out.is_dir():
+        example = out / f"predictions.{_ext(options['output'])}"
+        raise UserError(f"out={out} is a folder: give a file name, e.g. out={example}")
+    if name != "-" and same_file(out, name):
+        raise UserError(f"out={out} is the input file: give another file name for the predictions")
+    if out.exists() and not options["overwrite"]:
+        raise UserError(f"out={out} already exists: pass overwrite=true to replace it, or give another out=FILE")
+    return out
 
 
 def _read_input(name: str) -> tuple[Path, str]:

@@ -34,7 +34,7 @@ from rich.table import Table
 
 from llmtune.config import check_overrides
 from llmtune.errors import UserError
-from llmtune.report.outputs import write_atomic
+from llmtune.files import write_atomic
 from llmtune.tracking import FINAL_METRICS
 
 METHODS = ("grid", "random", "bayes")

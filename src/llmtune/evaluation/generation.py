@@ -2,9 +2,9 @@
 
 import torch
 from omegaconf import DictConfig
-from tqdm.auto import tqdm
 
 from llmtune.data.prompts import PromptFormat
+from llmtune.evaluation.batches import length_sorted_batches
 from llmtune.evaluation.metrics import text_generation_metrics
 
 
@@ -20,14 +20,12 @@ def answer_questions(model, tokenizer, rows: list[dict], prompt_format: PromptFo
     model.eval()
     prompts = [prompt_format.prompt(r["text"], r.get("context", "")) for r in rows]
     prompt_ids = [tokenizer(p).input_ids for p in prompts]
-    order = sorted(range(len(rows)), key=lambda i: len(prompt_ids[i]))
     sampling = ({"do_sample": True, "temperature": generation.temperature} if generation.do_sample
                 else {"do_sample": False})
     answers = [""] * len(rows)
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:
-        for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
-            batch = order[start:start + batch_size]
+        for batch in length_sorted_batches([len(ids) for ids in prompt_ids], batch_size, desc):
             inputs = tokenizer.pad({"input_ids": [prompt_ids[i] for i in batch]}, return_tensors="pt").to(model.device)
             output = model.generate(**inputs, max_new_tokens=generation.max_new_tokens, top_p=None, top_k=None,
                                     pad_token_id=tokenizer.pad_token_id, **sampling)

@@ -9,9 +9,9 @@ import copy
 from contextlib import nullcontext
 
 import torch
-from tqdm.auto import tqdm
 
 from llmtune.data.prompts import IGNORE_INDEX, PromptFormat, pad_batch, shared_prefix_length
+from llmtune.evaluation.batches import length_sorted_batches
 from llmtune.models.logits import labelled_logits, prefix_cache, vocabulary_subset
 
 
@@ -30,15 +30,12 @@ def label_log_likelihoods(model, tokenizer, prompts: list[str], answers: list[st
     prefix_length = shared_prefix_length(prompt_ids) if reuse_prefix else 0
     cache = prefix_cache(model, torch.tensor(prompt_ids[0][:prefix_length])) if prefix_length else None
     rests = [ids[prefix_length:] for ids in prompt_ids]
-    # Batches of similar length waste little on padding; each score is written at its prompt's own index.
-    order = sorted(range(len(prompts)), key=lambda i: len(rests[i]))
-    scores = torch.empty(len(prompts), len(answers))
+    scores = torch.full((len(prompts), len(answers)), float("nan"))
     # Single-token labels: every label is read off the first label's position, one forward per prompt.
     single_token = all(len(ids) == 1 for ids in answer_ids)
     head = vocabulary_subset(model, [ids[0] for ids in answer_ids]) if single_token else nullcontext()
     with head:
-        for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
-            rows = order[start:start + batch_size]
+        for rows in length_sorted_batches([len(rest) for rest in rests], batch_size, desc):
             for j, ids in enumerate(answer_ids[:1] if single_token else answer_ids):
                 batch = pad_batch([{"input_ids": rests[i] + ids, "labels": [IGNORE_INDEX] * len(rests[i]) + ids}
                                    for i in rows], tokenizer.pad_token_id)

@@ -4,6 +4,9 @@
     gguf    -> RUN_DIR/export/gguf/<run>-<quant>.gguf   (llama.cpp; tokenizer embedded)
     ollama  -> RUN_DIR/export/ollama/          the GGUF + a Modelfile (`ollama create NAME -f Modelfile`)
 
+The target folder (out=DIR) must be new or empty; overwrite=true replaces an earlier export there, and never a folder
+llmtune did not write (its marker file, .llmtune-output, says which).
+
 After writing, the export re-predicts the run's test rows (GGUF through transformers' gguf_file= loader) and fails
 below min_agreement with the run's predictions.jsonl (default 0.99; 0.97 for q8_0; Q&A runs: 0.8 mean ROUGE-L of
 the answers against the run's own).
@@ -17,6 +20,7 @@ from rich.console import Console
 from llmtune.errors import UserError
 from llmtune.export.merged import export_merged
 from llmtune.export.parity import check_parity
+from llmtune.files import atomic_folder, check_output_folder
 from llmtune.inference import run_config
 from llmtune.models.loader import packaged_gguf
 from llmtune.options import parse_options
@@ -28,13 +32,13 @@ MIN_AGREEMENT = {"q8_0": 0.97}  # everything else: 0.99; Q8_0 rounds each weight
 # 100 answers word for word; the others drift after one flipped greedy token, so identity alone is too strict.
 QA_MIN_AGREEMENT = 0.8
 OPTIONS = {"format": "merged", "quant": None, "dtype": None, "out": None, "max_shard_size": "1GB",
-           "min_agreement": 0.0, "check": True}
+           "min_agreement": 0.0, "check": True, "overwrite": False}
 
 
 def main(argv: list[str]) -> None:
     if not argv or argv[0] in ("-h", "--help"):  # RUN_DIR comes first; its name may hold "=" (rag=False)
         raise UserError("usage: llmtune export RUN_DIR format=merged|gguf|ollama [quant=f16|q8_0] [out=DIR] "
-                        "[min_agreement=0.99] [check=true]")
+                        "[min_agreement=0.99] [check=true] [overwrite=false]")
     run_dir, options = Path(argv[0]), parse_options(argv[1:], OPTIONS, "export")
     cfg = run_config(run_dir)
     fmt = options["format"]
@@ -50,21 +54,27 @@ def main(argv: list[str]) -> None:
         raise UserError("this run was trained with rag=true and Ollama cannot retrieve context for its prompts: "
                         "export format=gguf or format=merged and add the retrieved context in your application")
     out = Path(options["out"] or run_dir / "export" / fmt)
-    out.mkdir(parents=True, exist_ok=True)
+    check_output_folder(out, options["overwrite"])  # before minutes of merging, not after
     console = Console(soft_wrap=True)  # one line per message, also when piped to a log
 
-    if fmt == "merged":
-        model_path = export_merged(run_dir, out, options["dtype"], options["max_shard_size"])
-    else:
-        # GGUF is written from a merged fp32 folder, so quantisation rounds the merged weights exactly once.
-        with tempfile.TemporaryDirectory(dir=out, prefix=".merging-") as scratch:
-            merged = export_merged(run_dir, Path(scratch) / "merged", dtype="float32")
-            # The tokenizer fields come verbatim from the GGUF the base was converted from, when it has one.
-            model_path = write_gguf(merged, out / f"{cfg.model.name}-{cfg.method.name}-{quant}.gguf", quant,
-                                    tokenizer_gguf=packaged_gguf(cfg.model) if cfg.model.get("gguf") else None,
-                                    name=run_dir.name)
-            if fmt == "ollama":
-                _write_modelfile(run_dir, cfg, merged, out, model_path.name)
+    # The export is written into a staging folder that replaces `out` only once complete: an interrupted export
+    # never looks finished, and a folder llmtune did not write is never replaced.
+    with atomic_folder(out, options["overwrite"], what=f"llmtune export format={fmt}") as staging:
+        if fmt == "merged":
+            export_merged(run_dir, staging, options["dtype"], options["max_shard_size"])
+            model_path = out
+        else:
+            # GGUF is written from a merged fp32 folder, so quantisation rounds the merged weights exactly once.
+            with tempfile.TemporaryDirectory(dir=staging.parent, prefix=f".{out.name}.merging-") as scratch:
+                merged = export_merged(run_dir, Path(scratch) / "merged", dtype="float32")
+                # The tokenizer fields come verbatim from the GGUF the base was converted from, when it has one.
+                gguf_name = f"{cfg.model.name}-{cfg.method.name}-{quant}.gguf"
+                write_gguf(merged, staging / gguf_name, quant,
+                           tokenizer_gguf=packaged_gguf(cfg.model) if cfg.model.get("gguf") else None,
+                           name=run_dir.name)
+                if fmt == "ollama":
+                    _write_modelfile(run_dir, cfg, merged, staging, gguf_name)
+            model_path = out / gguf_name
     console.print(f"[bold]exported[/] {fmt}{f' ({quant})' if fmt != 'merged' else ''} -> {out}  "
                   f"({_size_mb(model_path):,.1f} MB)")
     if options["check"]:

@@ -11,7 +11,8 @@ from llmtune.models.loader import as_plain_tensors
 
 
 def export_merged(run_dir: Path, out_dir: Path, dtype: str | None = None, max_shard_size: str = "1GB") -> Path:
-    """Merge in fp32 (a bf16 sum would round most of the adapter's small update away), then save in dtype
+    """Write the merged model into out_dir (a staging folder: the caller makes it the target only once complete).
+    Merge in fp32 (a bf16 sum would round most of the adapter's small update away), then save in dtype
     (default: the model's configured dtype). A QLoRA base is de-quantised first: merging into 4-bit weights would
     round the adapter away entirely."""
     loaded = load_run(run_dir, dtype="float32", dequantize=True)
@@ -21,16 +22,13 @@ def export_merged(run_dir: Path, out_dir: Path, dtype: str | None = None, max_sh
     model = as_plain_tensors(model)  # a de-quantised QLoRA base: save plain tensors, no bitsandbytes marker
     dtype = dtype or loaded.cfg.model.dtype
     model = model.to(getattr(torch, dtype))
-    partial = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial, max_shard_size=max_shard_size)
-    loaded.tokenizer.save_pretrained(partial)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, max_shard_size=max_shard_size)
+    loaded.tokenizer.save_pretrained(out_dir)
     # The run's prompt travels with the model: a user of the folder prompts it as it was tuned.
     if (run_dir / PROMPT_FILE).is_file():
-        shutil.copy(run_dir / PROMPT_FILE, partial / PROMPT_FILE)
-    (partial / "llmtune_export.json").write_text(json.dumps({
+        shutil.copy(run_dir / PROMPT_FILE, out_dir / PROMPT_FILE)
+    (out_dir / "llmtune_export.json").write_text(json.dumps({
         "run": str(run_dir), "model": loaded.cfg.model.name, "method": loaded.cfg.method.name,
         "dataset": loaded.cfg.dataset.name, "dtype": dtype, "labels": loaded.labels}, indent=2) + "\n")
-    shutil.rmtree(out_dir, ignore_errors=True)
-    partial.rename(out_dir)  # a finished folder or none: an interrupted export never looks complete
     return out_dir

@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from llmtune.data.prompts import PromptFormat
-from llmtune.report.outputs import write_atomic
+from llmtune.files import write_atomic
 
 TEMPERATURE = 0.2  # low: a tuned classifier or Q&A model should answer the same way each time
 SYSTEM, PROMPT = "{{ .System }}", "{{ .Prompt }}"  # Ollama's Go-template fields for the system and user text

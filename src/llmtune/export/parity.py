@@ -7,7 +7,7 @@ from pathlib import Path
 from llmtune.errors import UserError
 from llmtune.evaluation.metrics import rouge, text_generation_metrics
 from llmtune.inference import load_run
-from llmtune.report.outputs import write_atomic
+from llmtune.files import write_atomic
 
 
 def run_predictions(run_dir: Path) -> list[dict]:

@@ -14,7 +14,7 @@ from rich.table import Table
 
 from llmtune.errors import UserError
 from llmtune.report import figures, params
-from llmtune.report.outputs import write_atomic
+from llmtune.files import write_atomic
 from llmtune.report.runs import RUN_MARKERS, Run, find_run_dirs, load_run
 from llmtune.report.significance import discordant_counts, mcnemar_exact, mcnemar_p
 from llmtune.tracking import FINAL_METRICS

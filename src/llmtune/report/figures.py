@@ -1,7 +1,6 @@
 """The cross-run figures: metric heatmap over two parameters, confusion-matrix grid, metric against a parameter."""
 
 import math
-import os
 import textwrap
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pandas as pd
 from matplotlib.ticker import NullFormatter
 from sklearn.metrics import ConfusionMatrixDisplay
 
+from llmtune.files import write_atomic_with
 from llmtune.report.params import format_value, is_numeric
 
 MAX_CONFUSION_PANELS = 12
@@ -21,10 +21,10 @@ MAX_CONFUSION_PANELS = 12
 
 def save_png(figure, path: Path) -> None:
     """Save under a temporary name, then rename: a crash never leaves a half-written image under the real name."""
-    partial = path.with_name(path.name + ".partial")
-    figure.savefig(partial, format="png", dpi=110, bbox_inches="tight")
-    plt.close(figure)
-    os.replace(partial, path)
+    try:
+        write_atomic_with(path, lambda partial: figure.savefig(partial, format="png", dpi=110, bbox_inches="tight"))
+    finally:
+        plt.close(figure)
 
 
 def ordered_levels(values: pd.Series) -> pd.Categorical:

@@ -1,7 +1,6 @@
 """Everything a run leaves behind: metrics.json, predictions.jsonl, report.md, confusion plots, console table."""
 
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -9,18 +8,13 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from llmtune.files import write_atomic, write_atomic_with
+
 # The rows of the base-vs-tuned table, by task.
 HEADLINE = {"classification": ["accuracy", "macro_f1", "macro_precision", "macro_recall"],
             "qa": ["bleu", "rouge1", "rouge2", "rougeL", "ngram_similarity", "token_presence"]}
 PROMPT_FILE = "prompt.json"  # read back by llmtune.inference: predict, serve and export prompt as the run did
 RETRIEVAL_EXAMPLES = 3  # rag=true: test rows shown in report.md with what was retrieved for them
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary name, then rename: a crash never leaves a half-written file under the real name."""
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, path)
 
 
 def write_metrics(run_dir: Path, summary: dict) -> None:
@@ -65,7 +59,7 @@ def plot_confusion(run_dir: Path, results: dict, tuned_name: str = "tuned") -> l
             ax=axis, colorbar=False, cmap="Blues")
         axis.set_title(f"{tuned_name if name == 'tuned' else name}: accuracy {results[name]['accuracy']:.3f}")
     figure.tight_layout()
-    figure.savefig(run_dir / "confusion_matrix.png", dpi=110)
+    write_atomic_with(run_dir / "confusion_matrix.png", lambda path: figure.savefig(path, format="png", dpi=110))
     plt.close(figure)
     return ["confusion_matrix.png"]
 
