@@ -104,6 +104,7 @@ def arm_llmtune_train(args, overrides=()):
     shared instruction computed once per batch; with overrides, the same path for another method or setting."""
     import lightning as L
     import torch
+    from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
     from llmtune.data.prompts import batch_tokens
@@ -137,7 +138,8 @@ def arm_llmtune_train(args, overrides=()):
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = make_trainer(cfg.trainer, Path(run_dir), logger=False, callbacks=[timer], max_steps=args.steps,
                                max_epochs=-1, enable_checkpointing=False, enable_progress_bar=False)
-        trainer.fit(FineTuner(model, **OmegaConf.to_container(cfg.method.optimizer)), train_loader)
+        trainer.fit(FineTuner(model, optimizer=instantiate(cfg.method.optimizer),
+                              scheduler=instantiate(cfg.method.scheduler)), train_loader)
     timed_s, timed_tok = timer.seconds[WARMUP_STEPS:], timer.tokens[WARMUP_STEPS:]
     return {"tokens_per_s": sum(timed_tok) / sum(timed_s), "s_per_step": statistics.median(timed_s),
             "steps": len(timer.seconds), "tokens": sum(timed_tok), "losses": timer.losses,

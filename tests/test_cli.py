@@ -70,7 +70,7 @@ def write(path: Path, text: str) -> Path:
     ("no text column", ["dataset=financial_phrasebank", "dataset.path={wrong_columns}"], "has no column 'text'"),
     ("empty dataset", ["dataset=financial_phrasebank", "dataset.path={empty}"], "has no rows"),
     ("unknown label", ["dataset=financial_phrasebank", "dataset.path={bullish}"], "label 'bullish', which is not"),
-    ("model not available offline", ["model=tiny", "model.build=null", "model.hub_id=acme/no-such-model"],
+    ("model not available offline", ["model=gemma2b", "model.source.hub_id=acme/no-such-model"],
      "model 'acme/no-such-model' is not in the Hugging Face cache"),
     ("seed model not downloaded", ["model=llama3_8b"],
      "model 'meta-llama/Meta-Llama-3-8B-Instruct' is not in the Hugging Face cache"),

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import compose_config
+from conftest import compose_config, tiny_dimensions
 from omegaconf import open_dict
 from peft import PeftModel
 
@@ -23,7 +23,7 @@ SMALL = ["trainer.max_epochs=1", "dataset.split.train_per_class=12", "dataset.sp
 @pytest.fixture(scope="module")
 def tiny64_dir(tmp_path_factory):
     """bitsandbytes' CPU NF4 kernels pack weights in blocks of 64: the tiny model needs dimensions of 64 or more."""
-    build = compose_config(["model=tiny"]).model.build
+    build = tiny_dimensions(compose_config(["model=tiny"]).model)
     return build_tiny_model(tmp_path_factory.mktemp("tiny64"), **{**build, "hidden_size": 64, "intermediate_size": 128})
 
 
@@ -136,7 +136,8 @@ def test_full_finetune_classifier_saves_a_model_that_plain_transformers_reloads(
 EXPERIMENTS = {  # experiment -> what the article's setup fixes
     "fpb_llama2_qlora": {"model.name": "llama2_7b", "method.name": "qlora", "method.lora.r": 64,
                          "method.lora.lora_alpha": 16, "method.lora.lora_dropout": 0.1,
-                         "method.optimizer.name": "paged_adamw_32bit", "method.optimizer.warmup_ratio": 0.03,
+                         "method.optimizer._target_": "llmtune.training.module.paged_adamw",
+                         "method.optimizer.bits": 32, "method.scheduler.warmup_ratio": 0.03,
                          "trainer.max_epochs": 3, "dataset.split.train_per_class": 300,
                          "method.quantization.bnb_4bit_quant_type": "nf4"},
     "fpb_gemma7b_qlora": {"model.name": "gemma7b", "method.name": "qlora", "method.lora.r": 64,

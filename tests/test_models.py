@@ -20,13 +20,13 @@ def test_tiny_model_is_built_once_then_reused(tmp_path):
     stamp = weights.stat().st_mtime_ns
     assert prepare_model_dir(cfg.model, tmp_path) == first and weights.stat().st_mtime_ns == stamp
     tokenizer, model = load_base_model(first, cfg.model)
-    assert model.config.hidden_size == cfg.model.build.hidden_size and tokenizer.pad_token is not None
+    assert model.config.hidden_size == cfg.model.source.hidden_size and tokenizer.pad_token is not None
 
 
 def test_hub_model_missing_offline_names_the_id_and_both_fixes(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
-    cfg = compose_config(["model=tiny", "model.build=null", "model.hub_id=acme/missing-7b"])
+    cfg = compose_config(["model=gemma2b", "model.source.hub_id=acme/missing-7b"])
     with pytest.raises(UserError) as error:
         prepare_model_dir(cfg.model, tmp_path)
     message = str(error.value)

@@ -3,11 +3,14 @@ is refused with one line before any work."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import run_llmtune
 
 from llmtune.errors import UserError
@@ -149,4 +152,87 @@ def test_two_runs_started_together_get_their_own_folders(tmp_path, cache_dir):
     assert len(folders) == 2
     seeds = sorted(json.loads((folder / "metrics.json").read_text())["run"]["seed"] for folder in folders)
     assert seeds == [1, 2]
-    assert all(len(list((folder / "checkpoints").iterdir())) == 1 for folder in folders)
+    for folder in folders:  # each run's own checkpoints, none of the other's
+        steps = [json.loads((folder / "metrics.json").read_text())["train"]["steps"]]
+        assert (folder / "checkpoints" / "last.ckpt").is_file()
+        assert sorted(p.name for p in (folder / "checkpoints").glob("step=*.ckpt")) == [f"step={steps[0]}.ckpt"]
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("trainer.max_epochs=abc", "trainer.max_epochs='abc' must be a valid integer"),
+    ("trainer.batch_size=abc", "trainer.batch_size='abc' must be a valid integer"),
+    ("seed=abc", "seed='abc' must be a valid integer"),
+    ("method.lora.r=0", "method.lora.r=0 must be greater than or equal to 1"),
+    ("method.optimizer.lr=-1", "method.optimizer.lr=-1 must be greater than 0"),
+    ("method.lora.lora_dropout=2", "method.lora.lora_dropout=2 must be less than 1"),
+    ("trainer.accelerator=gpuu", "trainer.accelerator='gpuu' must be 'auto', 'cpu'"),
+    ("+trainer.ckpt_path=x", "trainer.ckpt_path is not a setting"),
+])
+def test_a_bad_value_is_one_line_before_any_model_loads(tmp_path, cache_dir, override, expected):
+    result = run_llmtune(["model=tiny", override, f"hydra.run.dir={tmp_path / 'run'}"], cache_dir)
+    assert result.returncode == 2 and expected in one_error_line(result.stderr)
+    assert "scoring" not in result.stderr and not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_a_killed_run_resumes_to_the_same_adapter(tmp_path, cache_dir):
+    from safetensors.torch import load_file
+
+    from llmtune.run_state import read_status
+
+    args = ["model=tiny", "trainer.max_epochs=4", "dataset.split.train_per_class=100", "dataset.split.val_per_class=0",
+            "dataset.split.test_per_class=5", "eval.baseline=false"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    result = run_llmtune([*args, f"hydra.run.dir={whole}"], cache_dir)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+    process = llmtune_in(tmp_path, [*args, f"hydra.run.dir={killed}"], cache_dir)
+    checkpoint = killed / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)  # as a lost node or the OOM killer would: no handler runs
+    process.communicate()
+    assert not (killed / "adapter").exists(), "the run finished before it could be killed"
+    assert read_status(killed)["status"] == "killed"
+
+    result = run_llmtune([*args, f"hydra.run.dir={killed}"], cache_dir)  # the same command again
+    assert result.returncode == 0, result.stderr[-2000:]
+    train = json.loads((killed / "metrics.json").read_text())["train"]
+    assert train["resumed_from_step"] > 0 and train["steps"] == json.loads((whole / "metrics.json").read_text())[
+        "train"]["steps"]
+    resumed_weights = load_file(killed / "adapter" / "adapter_model.safetensors")
+    whole_weights = load_file(whole / "adapter" / "adapter_model.safetensors")
+    assert resumed_weights.keys() == whole_weights.keys()
+    for name, tensor in whole_weights.items():
+        assert torch.equal(resumed_weights[name], tensor), name
+    assert "Resumed from the checkpoint at step" in (killed / "report.md").read_text()
+
+
+def test_repeated_texts_are_dropped_before_splitting_and_counted(tmp_path):
+    from omegaconf import open_dict
+
+    from conftest import compose_config
+    from llmtune.tasks.classification import Classification
+
+    lines = ["text,label"]
+    for label in ("positive", "negative", "neutral"):
+        for i in range(20):
+            lines += [f"{label} news number {i},{label}", f"{label.upper()}  news number {i},{label}"]  # twice each
+    lines += ["positive news number 0,negative", ",neutral"]  # a conflicting copy and a row without text
+    path = tmp_path / "repeated.csv"
+    path.write_text("\n".join(lines) + "\n")
+    cfg = compose_config(["dataset.split.train_per_class=12", "dataset.split.val_per_class=2",
+                          "dataset.split.test_per_class=6"])
+    with open_dict(cfg):
+        cfg.dataset.path, cfg.dataset.id_column = str(path), None
+    task = Classification(cfg.dataset)
+    splits = task.load_splits(seed=1)
+    seen = [" ".join(r["text"].lower().split()) for rows in splits.values() for r in rows]
+    assert len(seen) == len(set(seen)) == 60  # every text once, in one split
+    assert task.data_counts == {"rows_read": 122, "empty_text": 1, "duplicates_removed": 61, "conflicting_answers": 1}
+    with open_dict(cfg):
+        cfg.dataset.duplicates = "keep"
+    kept = Classification(cfg.dataset)
+    kept_texts = [" ".join(r["text"].lower().split()) for rows in kept.load_splits(seed=1).values() for r in rows]
+    assert len(kept_texts) > len(set(kept_texts))  # duplicates=keep: every row as read, repeats included
+    assert "duplicates_removed" not in kept.data_counts

@@ -7,7 +7,7 @@ import torch
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
 from conftest import compose_config, run_llmtune
-from llmtune.config import check_config
+from llmtune.config import build_components
 from llmtune.data.batching import PackedBatchSampler, Packs
 from llmtune.data.prompts import IGNORE_INDEX, batch_tokens, encode_example, pack_batch, pad_batch
 from llmtune.errors import UserError
@@ -84,14 +84,14 @@ def test_packed_sampler_packs_every_row_once_within_the_length():
 
 
 def test_packing_config_is_checked():
-    check_config(compose_config(["method=causal", "trainer.packing=256"]))
+    build_components(compose_config(["method=causal", "trainer.packing=256"]))
     bad = ((["method=instruct", "trainer.packing=256"], "trainer.share_prefix=false"),
            (["method=causal", "trainer.packing=0"], "must be a token count"),
            (["method=classifier", "model=distilbert", "trainer.packing=256"], "classification head"))
     for overrides, problem in bad:
         with pytest.raises(UserError, match=problem):
-            check_config(compose_config(overrides))
-    check_config(compose_config(["method=instruct", "trainer.packing=256", "trainer.share_prefix=false"]))
+            build_components(compose_config(overrides))
+    build_components(compose_config(["method=instruct", "trainer.packing=256", "trainer.share_prefix=false"]))
 
 
 def test_a_packed_causal_run_trains_and_reports(tmp_path, cache_dir):

@@ -178,7 +178,7 @@ def test_hub_only_model_offline_fails_with_one_line_naming_the_fix(name, tmp_pat
     with pytest.raises(UserError) as error:
         prepare_model_dir(cfg, tmp_path)
     message = str(error.value)
-    assert cfg.hub_id in message and "is not in the Hugging Face cache" in message and "model.path=" in message
+    assert cfg.source.hub_id in message and "is not in the Hugging Face cache" in message and "model.path=" in message
     assert "\n" not in message
 
 

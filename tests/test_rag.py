@@ -1,13 +1,14 @@
 """Retrieval: chunking, reading documents (txt/md/pdf), BM25/dense/hybrid rankings, exclusion and the index cache."""
 
 import pytest
-from omegaconf import open_dict
+from omegaconf import OmegaConf
 from pypdf import PdfWriter
 from pypdf.generic import DecodedStreamObject, DictionaryObject, NameObject
 
 from conftest import compose_config
 from llmtune.errors import UserError
 from llmtune.rag.documents import Chunk, chunk_text, content_hash, load_chunks
+from llmtune.config import build_components
 from llmtune.rag.retrievers import build_retriever
 
 # Five topics; each query below names one of them.
@@ -26,10 +27,7 @@ PARAPHRASE_QUERIES = {"a kitten dozing by the window": 0, "monetary policy tight
 
 
 def retriever_cfg(choice: str, **overrides):
-    cfg = compose_config([f"retriever={choice}"]).retriever
-    with open_dict(cfg):
-        cfg.update(overrides)
-    return cfg
+    return OmegaConf.merge(compose_config([f"retriever={choice}"]).retriever, overrides)
 
 
 def write_pdf(path, page_texts: list[str]) -> None:
@@ -143,7 +141,7 @@ def test_retriever_configs_compose_with_usable_chunking():
         cfg = retriever_cfg(name)
         assert cfg.name == name and cfg.k >= 1
         assert chunk_text("a " * 500, cfg.chunk_size, cfg.chunk_overlap)  # size and overlap are accepted
-    assert retriever_cfg("hybrid").rrf_k == 60 and retriever_cfg("hybrid").candidates == 50
+    assert retriever_cfg("hybrid").index.rrf_k == 60 and retriever_cfg("hybrid").index.candidates == 50
 
 
 def test_bm25_ranks_the_sentence_with_the_query_words_first(tmp_path):
@@ -197,8 +195,9 @@ def test_index_is_reused_from_cache_and_rebuilt_when_a_text_changes(tmp_path, na
 
 
 def test_unknown_retriever_and_bad_model_path_are_one_line_user_errors(tmp_path):
-    with pytest.raises(UserError, match="choose one of bm25, dense, hybrid"):
-        build_retriever(retriever_cfg("bm25", name="tfidf"), CORPUS, tmp_path)
-    with pytest.raises(UserError, match="retriever.model_path=.* is not a model folder.*set it to null") as error:
-        build_retriever(retriever_cfg("dense", model_path=str(tmp_path / "no-model")), CORPUS, tmp_path)
+    cfg = compose_config(["rag=true", "retriever=bm25", "retriever.index._target_=llmtune.rag.retrievers.TfIdf"])
+    with pytest.raises(UserError, match="retriever.index._target_=llmtune.rag.retrievers.TfIdf cannot be imported"):
+        build_components(cfg)
+    with pytest.raises(UserError, match="retriever.index.model_path=.* is not a model folder.*set it to null") as error:
+        build_retriever(retriever_cfg("dense", index={"model_path": str(tmp_path / "no-model")}), CORPUS, tmp_path)
     assert "\n" not in str(error.value)

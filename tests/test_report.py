@@ -189,8 +189,9 @@ def test_best_config_vs_runner_up_on_the_first_shared_seed(lr_report):
 
 def test_failed_and_incomplete_runs_are_listed_not_ranked(lr_report):
     _, report, _ = lr_report
-    assert "9 runs (7 completed / 1 failed / 1 incomplete)" in report
-    ranking, problems = section(report, "Runs ranked by test/accuracy"), section(report, "Failed and incomplete runs")
+    assert "9 runs (7 completed / 1 failed / 0 killed / 1 incomplete)" in report
+    ranking = section(report, "Runs ranked by test/accuracy")
+    problems = section(report, "Failed, killed and incomplete runs")
     assert "7_tiny" not in ranking and "8_tiny" not in ranking
     assert "| 7_tiny-instruct-rag=False | failed | loss became NaN at step 3; lower method.optimizer.lr |" in problems
     assert "| 8_tiny-instruct-rag=False | incomplete | started 2026-01-01T00:00:00+00:00 and never finished" in problems
@@ -277,7 +278,7 @@ def test_single_legacy_run(legacy_run):
     assert table["test/accuracy"][0] == pytest.approx(0.85)  # from results.tuned: no "logged" in old runs
     assert table["val/accuracy"].isna().all() and table["mcnemar_p_base_vs_tuned"].isna().all()
     report = (out / "report.md").read_text()
-    assert "1 runs (1 completed / 0 failed / 0 incomplete)" in report
+    assert "1 runs (1 completed / 0 failed / 0 killed / 0 incomplete)" in report
     assert "Varying parameters: none" in report and "No heatmap" in report
     assert_png(out / "confusion_matrices.png")
 

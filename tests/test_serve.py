@@ -3,6 +3,9 @@
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -24,24 +27,61 @@ def loaded(tiny_run):
     return load_run(tiny_run)
 
 
-@pytest.fixture(scope="module")
-def client(loaded):
-    """An httpx client on a uvicorn server in a background thread, stopped when the module's tests are done."""
-    app = create_app(loaded, max_body_bytes=MAX_BODY_BYTES, max_new_tokens=MAX_NEW_TOKENS,
-                     max_prompt_tokens=MAX_PROMPT_TOKENS)
+@contextmanager
+def running(app):
+    """An httpx client on a uvicorn server for app in a background thread, stopped on leaving."""
     sock = socket.create_server(("127.0.0.1", 0))  # a free port, held from the start: no race for it
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
-    with httpx.Client(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}", timeout=60) as http:
+    try:
+        wait_until(lambda: server.started or not thread.is_alive())
+        assert server.started, "the server did not start"
+        with httpx.Client(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}", timeout=60) as http:
+            yield http
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+def wait_until(condition, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.01)
+
+
+@pytest.fixture(scope="module")
+def client(loaded):
+    """The server for the tests that need no special model, shared by the module."""
+    with running(create_app(loaded, max_body_bytes=MAX_BODY_BYTES, max_new_tokens=MAX_NEW_TOKENS,
+                            max_prompt_tokens=MAX_PROMPT_TOKENS)) as http:
         yield http
-    server.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
+
+
+class Gate:
+    """The run with a model that is busy until the test opens the gate: classify_prompts blocks on its first call
+    until opened, and every call's number of prompts is kept (a stand-in for a slow model, without the sleep)."""
+
+    def __init__(self, loaded, opened: bool = False):
+        self.run = replace(loaded)  # the same weights; the test's classify_prompts on this copy only
+        self.entered, self.opened, self.calls = threading.Event(), threading.Event(), []
+        if opened:
+            self.opened.set()
+
+        def classify_prompts(prompts, *args, **kwargs):
+            self.calls.append(len(prompts))
+            self.entered.set()
+            assert self.opened.wait(30), "the test never opened the gate"
+            return loaded.classify_prompts(prompts, *args, **kwargs)
+
+        self.run.classify_prompts = classify_prompts
+
+
+def post_raw(client, path: str, body: str) -> httpx.Response:
+    """body as given: httpx's json= cannot encode a lone surrogate, which is the point of sending one."""
+    return client.post(path, content=body.encode(), headers={"content-type": "application/json"})
 
 
 def assert_error(response: httpx.Response, status: int, message_part: str) -> None:
@@ -127,6 +167,97 @@ def test_limits(client):
     assert_error(client.post("/v1/chat/completions", json={"messages": messages, "model": "gpt-4o"}), 404,
                  "not served here")
     assert_error(client.post("/v1/classify", json={"input": ["a"] * 257}), 400, "1 to 256")
+
+
+@pytest.mark.parametrize("path,body,field", [
+    ("/v1/classify", r'{"input": "profit \ud800 rose"}', "input: not valid Unicode"),
+    ("/v1/classify", r'{"input": ["fine", "\udfff"]}', "input: text 1: not valid Unicode"),
+    ("/v1/classify", r'{"input": "fine", "model": "\ud800"}', "model: not valid Unicode"),
+    ("/v1/completions", r'{"prompt": "\ud800"}', "prompt: not valid Unicode"),
+    ("/v1/completions", r'{"prompt": "x", "stop": ["\ud800"]}', "stop: text 0: not valid Unicode"),
+    ("/v1/chat/completions", r'{"messages": [{"role": "user", "content": "\ud800"}]}',
+     "messages.0.content: not valid Unicode"),
+])
+def test_lone_surrogate_is_400(client, path, body, field):
+    assert_error(post_raw(client, path, body), 400, field)
+
+
+def test_empty_classify_input_is_400_naming_it(client):
+    assert_error(client.post("/v1/classify", json={"input": ""}), 400, "input 0 is empty")
+    assert_error(client.post("/v1/classify", json={"input": ["Profit rose.", " \n\t", ""]}), 400,
+                 "input 1 is empty or whitespace only (and 1 more)")
+    assert client.post("/v1/classify", json={"input": "Profit rose."}).status_code == 200  # still answering
+
+
+def test_openapi_is_off_with_the_docs(client):
+    for path in ("/openapi.json", "/docs", "/redoc"):
+        assert_error(client.get(path), 404, "Not Found")
+
+
+def test_full_queue_is_429_with_retry_after_then_serves_again(loaded):
+    gate = Gate(loaded)
+    app = create_app(gate.run, max_queue=1)
+    with running(app) as http, ThreadPoolExecutor(2) as pool:
+        on_model = pool.submit(http.post, "/v1/classify", json={"input": "Profit rose."})
+        assert gate.entered.wait(30)
+        waiting = pool.submit(http.post, "/v1/classify", json={"input": "Sales were flat."})
+        wait_until(lambda: len(app.state.worker.waiting) == 1)
+        refused = http.post("/v1/classify", json={"input": "The company cut its forecast."})
+        assert_error(refused, 429, "max_queue=1")
+        assert refused.json()["error"]["code"] == "queue_full" and int(refused.headers["Retry-After"]) >= 1
+        gate.opened.set()
+        assert on_model.result(timeout=60).status_code == 200 and waiting.result(timeout=60).status_code == 200
+        assert http.post("/v1/classify", json={"input": "The company cut its forecast."}).status_code == 200
+
+
+def test_request_timeout_is_504_and_a_timed_out_request_never_runs(loaded):
+    gate = Gate(loaded)
+    app = create_app(gate.run, request_timeout_s=0.5)
+    with running(app) as http, ThreadPoolExecutor(1) as pool:
+        on_model = pool.submit(http.post, "/v1/classify", json={"input": "Profit rose."})
+        assert gate.entered.wait(30)
+        assert_error(http.post("/v1/classify", json={"input": "Sales were flat."}), 504, "request_timeout_s")
+        assert_error(on_model.result(timeout=30), 504, "request_timeout_s")
+        gate.opened.set()
+        assert http.post("/v1/classify", json={"input": "Net sales fell."}).status_code == 200
+    assert gate.calls == [1, 1]  # the request on the model and the last one: the queued one was dropped unscored
+
+
+BATCH_REQUESTS = [["Profit rose sharply in the quarter."], ["The company cut its forecast.", "Sales were flat."],
+                  ["Operating loss widened to EUR 3 million."], ["The board proposes a higher dividend."] * 2,
+                  ["Net sales decreased by 12 percent.", "Profit rose.", "Orders were steady."]]
+
+
+def assert_as_scored_alone(loaded, texts: list[str], response: httpx.Response) -> None:
+    assert response.status_code == 200, response.text
+    for got, alone in zip(response.json()["data"], loaded.classify(texts), strict=True):
+        assert got["label"] == alone["label"]
+        assert all(abs(got["scores"][label] - alone["scores"][label]) <= 1e-4 for label in loaded.labels), (got, alone)
+
+
+def test_requests_waiting_for_the_model_are_scored_in_one_call(loaded):
+    gate = Gate(loaded)
+    app = create_app(gate.run)
+    with running(app) as http, ThreadPoolExecutor(len(BATCH_REQUESTS)) as pool:
+        first = pool.submit(http.post, "/v1/classify", json={"input": BATCH_REQUESTS[0]})
+        assert gate.entered.wait(30)
+        rest = [pool.submit(http.post, "/v1/classify", json={"input": texts}) for texts in BATCH_REQUESTS[1:]]
+        wait_until(lambda: len(app.state.worker.waiting) == len(rest))
+        gate.opened.set()
+        responses = [future.result(timeout=60) for future in [first, *rest]]
+    assert gate.calls == [1, sum(len(texts) for texts in BATCH_REQUESTS[1:])]  # 5 requests, 2 scoring calls
+    for texts, response in zip(BATCH_REQUESTS, responses):
+        assert_as_scored_alone(loaded, texts, response)
+
+
+def test_requests_within_the_batch_window_share_a_call(loaded):
+    gate = Gate(loaded, opened=True)
+    with running(create_app(gate.run, batch_window_ms=500)) as http, ThreadPoolExecutor(len(BATCH_REQUESTS)) as pool:
+        futures = [pool.submit(http.post, "/v1/classify", json={"input": texts}) for texts in BATCH_REQUESTS]
+        responses = [future.result(timeout=60) for future in futures]
+    assert len(gate.calls) < len(BATCH_REQUESTS), gate.calls
+    for texts, response in zip(BATCH_REQUESTS, responses):
+        assert_as_scored_alone(loaded, texts, response)
 
 
 @pytest.mark.parametrize("args,expected", [

@@ -1,5 +1,7 @@
 """Smoke tests on a tiny Llama saved to disk: real loading, LoRA training, adapter save/reload, label scoring."""
 
+from functools import partial
+
 import lightning as L
 import pytest
 import torch
@@ -13,7 +15,7 @@ from llmtune.evaluation.scoring import classify, label_log_likelihoods
 from llmtune.models.loader import load_base_model
 from llmtune.models.logits import ChunkedCrossEntropy, labelled_logits
 from llmtune.models.lora import add_lora
-from llmtune.training.module import FineTuner, next_token_loss
+from llmtune.training.module import FineTuner, cosine_with_warmup, next_token_loss
 
 FORMAT = PromptFormat("Classify the sentiment.", "{instruction}\n[{input}] =", " {answer}")
 LABELS = ["positive", "negative", "neutral"]
@@ -33,7 +35,8 @@ def tiny_peft(tiny_model_dir, method="instruct"):
 def fit(model, tokenizer, loss_on, tmp_path, steps=8):
     examples = [encode_example(tokenizer, FORMAT.prompt(r["text"]), FORMAT.answer(r["label"]), loss_on) for r in ROWS]
     loader = DataLoader(examples, batch_size=4, shuffle=True, collate_fn=lambda b: pad_batch(b, tokenizer.pad_token_id))
-    module = FineTuner(model, lr=5e-3, weight_decay=0.0, warmup_ratio=0.1)
+    module = FineTuner(model, optimizer=partial(torch.optim.AdamW, lr=5e-3),
+                       scheduler=partial(cosine_with_warmup, warmup_ratio=0.1))
     trainer = L.Trainer(max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
                         default_root_dir=tmp_path, accelerator="cpu",
                         callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="last")])

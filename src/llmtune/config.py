@@ -1,16 +1,23 @@
 """Where the configs live, the resolvers they use, and the checks that need no model or data."""
 
 import importlib.util
+import inspect
+import itertools
+import os
 import secrets
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from llmtune.errors import UserError
 
-# conf/ sits at the repository root (the package is installed editable, as the README does).
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+# The shipped configs: llmtune/conf inside an installed wheel, else conf/ at the root of the checkout (an editable
+# install); setup.py maps the one to the other, so there is a single copy.
+_PACKAGED = Path(__file__).resolve().parent / "conf"
+CONFIG_DIR = str(_PACKAGED if _PACKAGED.is_dir() else _PACKAGED.parents[2] / "conf")
+# The user's own config folders (dataset/mine.yaml, model/...), os.pathsep-separated: train.yaml puts them on Hydra's
+# search path after the shipped conf/, so they add options and never shadow a shipped one.
+CONFIG_PATH_ENV = "LLMTUNE_CONFIG_PATH"
 
 
 # Drawn once per process and put in the run folder's name: runs started in the same second get different folders,
@@ -25,58 +32,128 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("llmtune_resource", resource_path)
     if not OmegaConf.has_resolver("llmtune_run_id"):
         OmegaConf.register_new_resolver("llmtune_run_id", lambda: RUN_ID)
+    if not OmegaConf.has_resolver("llmtune_config_path"):
+        OmegaConf.register_new_resolver("llmtune_config_path", user_search_path)
 
 
-# Switches a typo must not turn on: Hydra reads `rag=no` as the string "no", which Python would take as true.
-BOOLEAN_KEYS = ("rag", "eval.baseline", "eval.generation.do_sample", "trainer.share_prefix", "method.train",
-                "method.full_finetune", "method.gradient_checkpointing", "model.trust_remote_code")
+def user_config_dirs() -> list[Path]:
+    return [Path(d).expanduser().resolve() for d in os.environ.get(CONFIG_PATH_ENV, "").split(os.pathsep) if d]
 
 
-def check_config(cfg: DictConfig) -> None:
-    """Collect every problem the config alone shows, and raise them together as one line."""
-    problems = [f"{key}={OmegaConf.select(cfg, key)!r} must be true or false"
-                for key in BOOLEAN_KEYS if not isinstance(OmegaConf.select(cfg, key, default=False), bool)]
-    qa = cfg.dataset.get("task", "classification") == "qa"
-    head = cfg.method.get("head", "lm")
-    if cfg.rag and head == "classifier":
-        problems.append("method=classifier reads the raw text, so rag=true has nowhere to put retrieved context; "
+def user_search_path() -> list[str]:
+    """train.yaml's hydra.searchpath: each folder of LLMTUNE_CONFIG_PATH as a Hydra config source."""
+    return [f"file://{d}" for d in user_config_dirs()]
+
+
+# Every component the run instantiates from the config; each is checked against its class's signature first.
+COMPONENTS = {"task": {"dataset"}, "method": set(), "logger": set(), "callbacks": set(), "retriever": set()}
+HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
+
+
+def build_components(cfg: DictConfig):
+    """The run's Task and Method, instantiated from the config once every value had its type and range (the schema),
+    every component its signature's arguments, and the rules between components held; all problems together as one
+    UserError line, before a model loads."""
+    from llmtune.schema import schema_problems
+
+    used = {key: given for key, given in COMPONENTS.items() if key != "retriever" or cfg.rag is True}
+    problems = schema_problems(cfg)
+    problems += [problem for key, given in used.items() for problem in signature_problems(cfg[key], key, given)]
+    problems += trainer_problems(cfg.trainer)
+    if not any(p.startswith(("task", "method")) for p in problems):
+        task = instantiate_component(cfg.task, dataset=cfg.dataset)
+        method = instantiate_component(cfg.method, _recursive_=False)
+        problems += [p for p in rule_problems(cfg, task, method) if p not in problems]
+    if problems:
+        raise UserError("; ".join(problems))
+    return task, method
+
+
+def trainer_problems(trainer_cfg: DictConfig) -> list[str]:
+    """trainer/ keys are Lightning Trainer arguments, except the few llmtune's loaders read (training.setup)."""
+    import lightning as L
+
+    from llmtune.training.setup import LOADER_KEYS
+
+    accepted = [*inspect.signature(L.Trainer.__init__).parameters, *LOADER_KEYS]
+    return [f"trainer.{key} is not a setting of lightning's Trainer or llmtune's loaders"
+            f"{_did_you_mean(key, accepted, 'trainer.')}" for key in trainer_cfg if key not in accepted]
+
+
+def instantiate_component(node: DictConfig, **kwargs):
+    """hydra.utils.instantiate, with a component's own refusal of a value (a UserError) passed on as it is."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as error:
+        if isinstance(error.__cause__, UserError):
+            raise error.__cause__ from None
+        raise
+
+
+def signature_problems(node, path: str, given: set[str] = frozenset()) -> list[str]:
+    """Keys of a `_target_` node (and of the `_target_` nodes inside it) that its callable does not take, and required
+    arguments it lacks (`given`: passed at instantiation; a `_partial_` node gets the rest when called)."""
+    if not isinstance(node, DictConfig):
+        return []
+    problems = [p for key in node.keys() if key not in HYDRA_KEYS
+                for p in signature_problems(node._get_node(key), f"{path}.{key}")]
+    if "_target_" not in node:
+        return problems
+    from hydra._internal.utils import _locate
+
+    try:
+        target = _locate(str(node._target_))
+    except ImportError:
+        return problems + [f"{path}._target_={node._target_} cannot be imported; check the module and class name"]
+    parameters = inspect.signature(target).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    keys = [key for key in node.keys() if key not in HYDRA_KEYS]
+    for key in keys:
+        if key not in parameters and not takes_any:
+            problems.append(f"{path}.{key} is not a setting of {node._target_}{_did_you_mean(key, list(parameters))}; "
+                            f"it takes {', '.join(parameters) or 'no settings'}")
+    if not node.get("_partial_", False):
+        missing = [name for name, p in parameters.items() if p.default is inspect.Parameter.empty
+                   and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and name not in keys and name not in given]
+        problems += [f"{path} needs {name}: set {path}.{name}=..." for name in missing]
+    return problems
+
+
+def rule_problems(cfg: DictConfig, task, method) -> list[str]:
+    """The rules between components that no single signature or type states."""
+    problems = []
+    if "task" in cfg.dataset and cfg.dataset.task != task.name:  # a dataset file written before tasks were nodes
+        problems.append(f"dataset={cfg.dataset.name} sets task: {cfg.dataset.task}, but the run's task is {task.name}: "
+                        f"select it in the dataset file's defaults (- override /task@_global_.task: "
+                        f"{cfg.dataset.task}) and remove the task key")
+    if cfg.rag and not method.prompted:
+        problems.append(f"method={method.name} reads the raw text, so rag=true has nowhere to put retrieved context; "
                         "use an LM method (instruct, qlora, zeroshot, ...) or rag=false")
-    if cfg.rag and qa and not cfg.dataset.get("documents"):
+    if cfg.rag and task.labels is None and not cfg.dataset.get("documents"):
         problems.append(f"rag=true retrieves from dataset.documents, which dataset={cfg.dataset.name} does not set; "
                         "set dataset.documents=DIR (a folder of .txt, .md or .pdf files) or run with rag=false")
-    if qa and (head == "classifier" or cfg.method.get("demonstrations")):
-        problems.append(f"dataset={cfg.dataset.name} is a Q&A task (generated answers): method={cfg.method.name} "
+    if task.labels is None and (not method.prompted or getattr(method, "demonstrations", None)):
+        problems.append(f"dataset={cfg.dataset.name} is a Q&A task (generated answers): method={method.name} "
                         "needs labels; use instruct, causal, qlora or zeroshot (rag=true adds retrieved context)")
-    if head not in ("lm", "classifier"):
-        problems.append(f"method.head={cfg.method.head!r} must be 'lm' (label scoring) or 'classifier' (a new head)")
-    if cfg.method.get("loss_on", "answer") not in ("answer", "all"):
-        problems.append(f"method.loss_on={cfg.method.loss_on!r} must be 'answer' or 'all'")
-    if not isinstance(getattr(torch, str(cfg.model.dtype), None), torch.dtype):
-        problems.append(f"model.dtype={cfg.model.dtype!r} is not a torch dtype; use bfloat16, float16 or float32")
-    if not qa and len(set(cfg.dataset.labels)) < 2:
+    if task.labels is not None and len(set(task.labels)) < 2:
         problems.append("dataset.labels needs at least two distinct labels")
-    optimizers = ("adamw", "paged_adamw_8bit", "paged_adamw_32bit")  # see training.module.make_optimizer
-    if cfg.method.get("optimizer") and cfg.method.optimizer.get("name", "adamw") not in optimizers:
-        problems.append(f"method.optimizer.name={cfg.method.optimizer.name!r} is not known; use one of "
-                        f"{', '.join(optimizers)}")
     if cfg.method.get("quantization") and importlib.util.find_spec("bitsandbytes") is None:
-        problems.append(f"method={cfg.method.name} quantises the base with bitsandbytes, which is not installed; "
+        problems.append(f"method={method.name} quantises the base with bitsandbytes, which is not installed; "
                         "pip install bitsandbytes")
     packing = cfg.trainer.get("packing")
     if packing is not None and (isinstance(packing, bool) or not isinstance(packing, int) or packing < 1):
         problems.append(f"trainer.packing={packing!r} must be a token count (e.g. 512) or null (off)")
-    elif packing and head != "lm":
-        problems.append(f"trainer.packing packs prompts for next-token training; method={cfg.method.name} trains a "
+    elif packing and not method.prompted:
+        problems.append(f"trainer.packing packs prompts for next-token training; method={method.name} trains a "
                         "classification head on raw text: set trainer.packing=null")
     elif packing and cfg.trainer.share_prefix and cfg.method.get("loss_on") == "answer":
-        problems.append(f"trainer.packing puts whole prompts end to end, so method={cfg.method.name} cannot also "
+        problems.append(f"trainer.packing puts whole prompts end to end, so method={method.name} cannot also "
                         "compute their shared instruction once (trainer.share_prefix, the faster of the two): set "
                         "trainer.share_prefix=false to pack, or trainer.packing=null")
-    for key in ("trainer.batch_size", "eval.batch_size"):
-        if OmegaConf.select(cfg, key) < 1:
-            problems.append(f"{key} must be at least 1")
-    if problems:
-        raise UserError("; ".join(problems))
+    return problems
 
 
 def check_overrides(args: list[str]) -> None:
@@ -85,33 +162,46 @@ def check_overrides(args: list[str]) -> None:
     Hydra's own messages for these span several lines and suggest `+key=value`, which is wrong for a typo.
     """
     from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.object_type import ObjectType
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     try:
         parsed = OverridesParser.create().parse_overrides([a for a in args if "=" in a and not a.startswith("-")])
     except Exception:
         return  # a syntax error: Hydra reports it with the position of the problem
-    # Root groups (model, method, ...) and, with a package, the groups model files pick: prompt@model=alpaca.
-    groups = {p.name: sorted(f.stem for f in p.glob("*.yaml")) for p in Path(CONFIG_DIR).iterdir() if p.is_dir()}
+    for folder in user_config_dirs():
+        if not folder.is_dir():
+            raise UserError(f"{CONFIG_PATH_ENV} names {folder}, which is not a folder")
+    search_path = _search_path_overrides(args)
     root_groups = _root_groups()
-    group_choices, keys = [], []
-    for override in parsed:
-        name = override.key_or_group
-        if override.is_add() or override.is_force_add() or override.is_delete() or name.startswith("hydra"):
-            continue
-        if name not in root_groups and not (override.package and name in groups):
-            keys.append(name)
-            continue
-        options = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.value()]
-        for option in options:
-            if option not in groups[name]:
-                raise UserError(f"{name}={option} is not a known {name} config{_did_you_mean(option, groups[name])}; "
-                                f"choose one of {', '.join(groups[name])}")
-        group_choices.append(f"{override.get_key_element()}={options[0]}")
-    if not keys:
-        return
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=group_choices)
+        loader = GlobalHydra.instance().config_loader()
+
+        def options(group: str, kind: ObjectType = ObjectType.CONFIG) -> list[str]:
+            """Hydra's own listing, over its whole search path: the shipped conf/ and the user's folders."""
+            return loader.get_group_options(group, kind, config_name="train", overrides=search_path)
+
+        # Root groups (model, method, ...) and, with a package, the groups model files pick: prompt@model=alpaca.
+        groups = options("", ObjectType.GROUP)
+        group_choices, keys = [], []
+        for override in parsed:
+            name = override.key_or_group
+            if override.is_add() or override.is_force_add() or override.is_delete() or name.startswith("hydra"):
+                continue
+            if name not in root_groups and not (override.package and name in groups):
+                keys.append(name)
+                continue
+            known = options(name)
+            chosen = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.value()]
+            for option in chosen:
+                if option not in known:
+                    raise UserError(f"{name}={option} is not a known {name} config{_did_you_mean(option, known)}; "
+                                    f"choose one of {', '.join(known)}")
+            group_choices.append(f"{override.get_key_element()}={chosen[0]}")
+        if not keys:
+            return
+        cfg = compose(config_name="train", overrides=search_path + group_choices)
     for key in keys:
         parent, _, leaf = key.rpartition(".")
         node = OmegaConf.select(cfg, parent, throw_on_missing=False) if parent else cfg
@@ -121,6 +211,17 @@ def check_overrides(args: list[str]) -> None:
         if leaf not in siblings:  # keys(), unlike `in`, also lists keys whose value is still ??? (required)
             hint = _did_you_mean(leaf, siblings, prefix=f"{parent}." if parent else "")
             raise UserError(f"unknown config key '{key}'{hint}; to add a new key on purpose use +{key}=...")
+
+
+def _search_path_overrides(args: list[str]) -> list[str]:
+    """A `--config-dir DIR` (or -cd) run adds DIR to Hydra's search path; the checks compose with it through the
+    equivalent hydra.searchpath override (LLMTUNE_CONFIG_PATH's folders come from train.yaml itself)."""
+    config_dir = next((value for flag, value in itertools.pairwise(args) if flag in ("--config-dir", "-cd")), None)
+    config_dir = next((a.split("=", 1)[1] for a in args if a.startswith("--config-dir=")), config_dir)
+    if config_dir is None or not Path(config_dir).is_dir():  # Hydra itself reports a missing one
+        return []
+    folders = [f"file://{Path(config_dir).resolve()}", *user_search_path()]
+    return ["hydra.searchpath=[" + ",".join(f"'{folder}'" for folder in folders) + "]"]
 
 
 def _root_groups() -> list[str]:

@@ -5,7 +5,6 @@ file (`llmtune export`). `llmtune predict`, `llmtune serve` and the export's par
 they classify exactly as the run's own evaluation did.
 """
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,11 +13,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from llmtune.data.prompts import PromptFormat
+from llmtune.data.prompts import PROMPT_FILE, PromptFormat
 from llmtune.errors import UserError
+from llmtune.methods import method_of
+from llmtune.tasks import Task, task_of
 from llmtune.evaluation.generation import answer_questions
 from llmtune.evaluation.scoring import label_log_likelihoods
-from llmtune.report.outputs import PROMPT_FILE
 
 
 
@@ -110,9 +110,9 @@ def run_config(run_dir: Path) -> DictConfig:
 
 
 def prompt_format_of(run_dir: Path, cfg: DictConfig, tokenizer) -> PromptFormat:
-    saved = run_dir / PROMPT_FILE
-    if saved.is_file():
-        return PromptFormat(**json.loads(saved.read_text(encoding="utf-8")))
+    saved = PromptFormat.load(run_dir)
+    if saved is not None:
+        return saved
     if cfg.method.get("demonstrations"):
         raise UserError(f"{run_dir} has no {PROMPT_FILE} (written by runs since llmtune 0.1), so its few-shot "
                         "demonstrations are unknown: run the few-shot job again")
@@ -126,42 +126,36 @@ def load_run(run_dir: str | Path, model_path: str | Path | None = None, dtype: s
     (qlora) is loaded as trained, then turned back into plain tensors of dtype, ready for merging the adapter."""
     run_dir = Path(run_dir)
     cfg = run_config(run_dir)
-    if cfg.method.get("head", "lm") != "lm":
+    task, method = task_of(cfg), method_of(cfg)
+    if not method.prompted:
         raise UserError(f"{run_dir} is a method={cfg.method.name} run (a classification head, no prompt): predict, "
                         "serve and export take LM-method runs (instruct, causal, qlora, zeroshot, fewshot)")
     torch_dtype = getattr(torch, dtype or cfg.model.dtype)
     if model_path is not None:
         tokenizer, model = _load_exported(Path(model_path), torch_dtype)
     else:
-        tokenizer, model = _load_own_weights(run_dir, cfg, torch_dtype, dequantize)
+        tokenizer, model = _load_own_weights(run_dir, cfg, method.trains, torch_dtype, dequantize)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    labels = None if cfg.dataset.get("task", "classification") == "qa" else list(cfg.dataset.labels)
-    add_context = _run_retriever(cfg, labels) if cfg.get("rag") else None
+    labels = task.labels
+    add_context = _run_retriever(cfg, task) if cfg.get("rag") else None
     return LoadedRun(run_dir, cfg, tokenizer, model.eval(), prompt_format_of(run_dir, cfg, tokenizer), labels,
                      add_context)
 
 
-def _run_retriever(cfg: DictConfig, labels: list[str] | None) -> Callable[[list[dict]], None]:
-    """The run's retriever, rebuilt from its config (the index comes from the cache when unchanged): document chunks
-    for Q&A; for classification, the run's own training split, drawn again with its seed."""
-    from llmtune.rag.context import document_retriever, example_retriever
-
-    if labels is None:
-        return document_retriever(cfg.retriever, cfg.dataset, cfg.paths.cache_dir)[0]
-    from llmtune.data.loading import load_rows, split_per_class
-
-    train = split_per_class(load_rows(cfg.dataset), labels, cfg.dataset.split, cfg.seed)["train"]
-    return example_retriever(cfg.retriever, train, cfg.paths.cache_dir)[0]
+def _run_retriever(cfg: DictConfig, task: Task) -> Callable[[list[dict]], None]:
+    """The run's retriever, rebuilt from its config (the index comes from the cache when unchanged) over the run's own
+    training split, drawn again with its seed."""
+    return task.retriever(cfg.retriever, task.load_splits(cfg.seed)["train"], cfg.paths.cache_dir)[0]
 
 
-def _load_own_weights(run_dir: Path, cfg: DictConfig, torch_dtype: torch.dtype, dequantize: bool):
+def _load_own_weights(run_dir: Path, cfg: DictConfig, trained: bool, torch_dtype: torch.dtype, dequantize: bool):
     from llmtune.models.loader import load_base_model, prepare_model_dir
 
     if (run_dir / "model" / "config.json").is_file():  # method.full_finetune=true
         return _load_exported(run_dir / "model", torch_dtype)
     adapter = run_dir / "adapter"
-    if cfg.method.train and not (adapter / "adapter_config.json").is_file():
+    if trained and not (adapter / "adapter_config.json").is_file():
         raise UserError(f"{run_dir} has no adapter/ (the run did not finish?): check {run_dir / 'status.json'} "
                         "and pick a completed run")
     model_cfg = OmegaConf.merge(cfg.model, {"dtype": str(torch_dtype).removeprefix("torch.")})
@@ -177,7 +171,7 @@ def _load_own_weights(run_dir: Path, cfg: DictConfig, torch_dtype: torch.dtype, 
         # Score with the 4-bit layout the run trained and evaluated with (bitsandbytes' repacked CPU inference
         # layout also fails on layers narrower than its 64-value block, e.g. the tiny model's).
         keep_4bit_layout_trainable(model)
-    if cfg.method.train:
+    if trained:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter)

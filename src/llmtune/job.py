@@ -6,10 +6,8 @@ and the next job starts; `failed_jobs` lets the command exit non-zero at the end
 """
 
 import gc
-import json
 import logging
 import traceback
-from datetime import datetime, timezone
 from pathlib import Path
 
 import yaml
@@ -17,8 +15,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from llmtune.console import quiet_libraries
 from llmtune.errors import UserError
 from llmtune.files import write_atomic
+from llmtune.run_state import check_same_run, now, write_status
 from llmtune.tracking import finish_wandb, mask_secrets, public_config, secret_values
 
 log = logging.getLogger(__name__)
@@ -26,13 +26,15 @@ failed_jobs: list[str] = []  # "<run dir>: <error>" for each failed job of this 
 
 
 def run_job(cfg: DictConfig) -> float | None:
+    quiet_libraries()  # Hydra has set up logging by now: Lightning's records go through its handlers, once
     # Heavy imports (torch, transformers) only when a job really runs.
     from llmtune.run import run
 
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    started = _now()
-    _write_status(run_dir, "running", started)
+    check_same_run(run_dir, public_config(cfg))  # a rerun into a run folder continues that run, never another
+    started = now()
+    write_status(run_dir, "running", started)
     _mask_secrets_in_hydra_files(cfg, run_dir)
     try:
         write_atomic(run_dir / "config.yaml", yaml.safe_dump(public_config(cfg), sort_keys=False))
@@ -40,7 +42,7 @@ def run_job(cfg: DictConfig) -> float | None:
     except Exception as error:
         message = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
         first_line = message.strip().splitlines()[0]
-        _write_status(run_dir, "failed", started, first_line)
+        write_status(run_dir, "failed", started, first_line)
         finish_wandb(exit_code=1)
         if not _in_multirun():
             raise  # a UserError becomes one line (report_user_errors); anything else is a bug: show it
@@ -52,14 +54,14 @@ def run_job(cfg: DictConfig) -> float | None:
         failed_jobs.append(f"{run_dir}: {first_line}")
         return None
     except BaseException:  # Ctrl-C, kill: the job did not finish, and the sweep stops too
-        _write_status(run_dir, "failed", started, "interrupted")
+        write_status(run_dir, "failed", started, "interrupted")
         finish_wandb(exit_code=1)
         raise
     finally:
         # The model, trainer and module reference each other; without a full collection a multirun would hold the
-        # previous job's model while the next one loads (peak RSS of a 2-job Gemma 3 270M grid: 5.6 GiB).
+        # previous job's model while the next one loads (measured in benchmarks/README.md).
         gc.collect()
-    _write_status(run_dir, "completed", started)
+    write_status(run_dir, "completed", started)
     finish_wandb()
     return value
 
@@ -81,13 +83,3 @@ def _mask_secrets_in_hydra_files(cfg: DictConfig, run_dir: Path) -> None:
 
 def _in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-
-
-def _write_status(run_dir: Path, status: str, started: str, error: str | None = None) -> None:
-    record = {"status": status, "error": error, "started": started,
-              "finished": None if status == "running" else _now()}
-    write_atomic(run_dir / "status.json", json.dumps(record, indent=2) + "\n")
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")

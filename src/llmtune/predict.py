@@ -14,35 +14,48 @@ import io
 import json
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import jsonschema
 
+from llmtune.cli import option, parse, positional
 from llmtune.errors import UserError
-from llmtune.inference import load_run
-from llmtune.options import parse_options
 from llmtune.files import same_file, write_atomic
 
-# batch_size=0: the run's eval.batch_size
-OPTIONS = {"input": None, "output": "jsonl", "out": None, "model": None, "batch_size": 0, "text_column": None,
-           "overwrite": False}
-OUTPUTS = ("jsonl", "csv", "json")
+Output = Literal["jsonl", "csv", "json"]
 SHOWN_BAD_ROWS = 10  # bad rows listed one per line on stderr; the rest are counted
 
 
+@dataclass(frozen=True)
+class PredictArgs:
+    """Predict every row of a CSV or JSONL file (or stdin) with a finished run's model: a label with its
+    confidence per row for a classification run, an answer per question for a Q&A run."""
+
+    run_dir: Path = positional("a finished run's folder (its name may hold '=', e.g. ...-rag=False)",
+                               metavar="RUN_DIR")
+    input: str = option(help="a .csv or .jsonl file, or - for stdin", metavar="FILE|-")
+    output: Output = option("jsonl", "jsonl/csv: label, confidence, every label's probability; json: the "
+                                     "structured form, checked against a JSON schema")
+    out: str | None = option(None, "where to write, or - for stdout", metavar="FILE|-",
+                             default_text="RUN_DIR/predict/<input name>-<hash>.<ext>; stdout for input=-")
+    model: str | None = option(None, "an exported folder or .gguf to predict with", metavar="PATH",
+                               default_text="the run's own adapter")
+    batch_size: int = option(0, "rows per batch", minimum=0,
+                             range_text="at least 1, or 0 for the run's eval.batch_size")
+    text_column: str | None = option(None, "the column (CSV) or key (JSONL) holding the text", metavar="NAME",
+                                     default_text="the run's dataset.text_column, or question_column for Q&A")
+    overwrite: bool = option(False, "replace an existing out=FILE")
+
+
 def main(argv: list[str]) -> None:
-    if not argv or argv[0] in ("-h", "--help"):  # RUN_DIR comes first; its name may hold "=" (rag=False)
-        raise UserError("usage: llmtune predict RUN_DIR input=FILE|- [output=jsonl|csv|json] [out=FILE|-] "
-                        "[model=PATH] [batch_size=N] [overwrite=false]")
-    run_dir, options = Path(argv[0]), parse_options(argv[1:], OPTIONS, "predict")
-    if not options["input"]:
-        raise UserError("llmtune predict needs input=FILE (a .csv or .jsonl file) or input=- (stdin)")
-    if options["output"] not in OUTPUTS:
-        raise UserError(f"output={options['output']} is not known; use one of {', '.join(OUTPUTS)}")
-    if options["batch_size"] < 0:
-        raise UserError(f"batch_size={options['batch_size']} must be at least 1 (or 0 for the run's eval.batch_size)")
+    args = parse(PredictArgs, argv, "predict")
+    run_dir, options = args.run_dir, asdict(args)
     out = output_path(run_dir, options)  # checked before the model loads
     source, text = _read_input(options["input"])
+    from llmtune.inference import load_run  # torch and transformers: only once the arguments are good
+
     loaded = load_run(run_dir, options["model"])
     qa = loaded.labels is None  # a Q&A run answers each question; a classification run labels each text
     if qa and options["output"] == "json":

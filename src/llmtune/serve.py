@@ -23,69 +23,103 @@ usage.completion_tokens counts every generated token. n must be 1; stream=true i
 
 Every error is JSON in OpenAI's shape {"error": {"message", "type", "code"}}: invalid JSON or a request that does
 not validate -> 400 (never FastAPI's 422), a body over max_body_bytes -> 413 (checked before parsing), a prompt over
-max_prompt_tokens tokens or max_tokens over max_new_tokens -> 400. One request at a time runs on the model (a lock);
-the endpoints are plain functions, so FastAPI runs them in its threadpool and the event loop stays free.
+max_prompt_tokens tokens or max_tokens over max_new_tokens -> 400, text that is not valid Unicode (a lone surrogate
+such as "\\ud800") -> 400, an empty or whitespace-only /v1/classify input -> 400 naming its index (predict skips such
+rows as bad).
+
+Under load: one thread runs the model, one call at a time, in arrival order; at most max_queue requests (64: 50
+concurrent classify clients fit, and are scored together) wait for it, and past that a request gets 429 at once
+with a Retry-After header. A request not answered within
+request_timeout_s seconds (60) of arriving gets 504 (one already running on the model finishes, unread).
+/v1/classify requests waiting together (arriving while the model is busy, or within batch_window_ms (10) of the
+first) are scored in one call, up to 256 texts; each gets its own rows back, as scored alone.
 """
 
+import asyncio
+import math
 import os
 import socket
 import sys
 import threading
 import time
 import uuid
-from dataclasses import replace
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
+from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from llmtune.cli import option, parse, positional
 from llmtune.errors import UserError
-from llmtune.options import parse_options
 
 if TYPE_CHECKING:
     from llmtune.inference import LoadedRun
 
 MAX_CLASSIFY_INPUTS = 256
 MAX_STOP_STRINGS = 4  # as OpenAI's API
+MAX_BATCH_TEXTS = 256  # texts per micro-batched scoring call: one full request, or many small ones
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
-DEFAULTS = {"host": "127.0.0.1", "port": 8000, "model": None, "max_body_bytes": 65536, "max_new_tokens": 256,
-            "max_prompt_tokens": 2048}
-USAGE = "llmtune serve RUN_DIR " + " ".join(f"[{k}={'PATH' if v is None else v}]" for k, v in DEFAULTS.items())
 ROUTES = ["GET  /v1/models", "POST /v1/classify", "POST /v1/chat/completions", "POST /v1/completions"]
 
 
 class ApiError(Exception):
     """A request the server refuses: answered as {"error": {"message", "type", "code"}} with this status."""
 
-    def __init__(self, status: int, message: str, code: str, type: str = "invalid_request_error"):
+    def __init__(self, status: int, message: str, code: str, type: str = "invalid_request_error",
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status, self.message, self.code, self.type = status, message, code, type
+        self.status, self.message, self.code, self.type, self.headers = status, message, code, type, headers
 
 
-def error_response(status: int, message: str, code: str | None, type: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type, "code": code}}, status_code=status)
+def error_response(status: int, message: str, code: str | None, type: str = "invalid_request_error",
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type, "code": code}}, status_code=status,
+                        headers=headers)
+
+
+def valid_unicode(value: str | list[str]) -> str | list[str]:
+    """JSON may escape a lone surrogate ("\\ud800"), which Python decodes into a str no tokenizer or UTF-8 encoder
+    takes: refuse it as the client's error (400), not a crash halfway through the model (500)."""
+    for i, text in enumerate([value] if isinstance(value, str) else value):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            where = "" if isinstance(value, str) else f"text {i}: "
+            raise PydanticCustomError("unicode", "{where}not valid Unicode (a lone surrogate at character {at}): "
+                                                 "send UTF-8 text", {"where": where, "at": error.start}) from None
+    return value
+
+
+# On the union as a whole, so an error names the field, not each member of the union it tried.
+Text = Annotated[str, AfterValidator(valid_unicode)]
+Texts = Annotated[str | list[str], AfterValidator(valid_unicode)]
 
 
 class ClassifyRequest(BaseModel):
-    model: str | None = None
-    input: str | list[str]
+    model: Text | None = None
+    input: Texts
 
 
 class Message(BaseModel):
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Text
 
 
 class GenerationRequest(BaseModel):
     """Fields both generating routes share; unknown fields (top_p, user, ...) are ignored, as clients send them."""
-    model: str | None = None
+    model: Text | None = None
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
-    stop: str | list[str] | None = None
+    stop: Texts | None = None
     stream: bool = False
     n: int = 1
 
@@ -95,7 +129,7 @@ class ChatRequest(GenerationRequest):
 
 
 class CompletionRequest(GenerationRequest):
-    prompt: str
+    prompt: Text
 
 
 class BodyLimit:
@@ -138,17 +172,140 @@ class BodyLimit:
         await response(scope, receive, send)
 
 
+@dataclass(eq=False)  # identity, not field equality: jobs are found in and removed from the queue
+class Job:
+    """One request's work for the model thread: run() (generation), or texts to score (merged with other jobs')."""
+    run: Callable[[], object] | None = None
+    texts: list[str] | None = None
+    arrived: float = field(default_factory=time.monotonic)
+    future: Future = field(default_factory=Future)
+
+
+class ModelWorker:
+    """The one thread that runs the model: generate() and scoring are not thread-safe, and two forwards at once on
+    the same cores would only slow each other down. In front of it, a queue of at most max_queue jobs."""
+
+    def __init__(self, loaded: "LoadedRun", check_prompt: Callable[[str], int], max_queue: int,
+                 batch_window_s: float):
+        self.loaded, self.check_prompt = loaded, check_prompt
+        self.max_queue, self.batch_window_s = max_queue, batch_window_s
+        self.waiting: deque[Job] = deque()
+        self.changed = threading.Condition()
+        self.seconds_per_call = 1.0  # a running average, for Retry-After
+        self.stopping = False
+        threading.Thread(target=self._loop, name="llmtune-model", daemon=True).start()
+
+    def submit(self, job: Job) -> Future:
+        with self.changed:
+            if len(self.waiting) >= self.max_queue:
+                # Time for the waiting jobs to run one call each (they may batch, so at most that), at least 1 s.
+                retry = max(1, math.ceil(self.seconds_per_call * len(self.waiting)))
+                raise ApiError(429, f"the server is busy: {len(self.waiting)} requests are waiting for the model "
+                                    f"(max_queue={self.max_queue}); retry after {retry} s", "queue_full",
+                               "rate_limit_error", {"Retry-After": str(retry)})
+            self.waiting.append(job)
+            self.changed.notify()
+        return job.future
+
+    def withdraw(self, job: Job) -> None:
+        """A job nobody waits for any more leaves the queue at once, freeing its place."""
+        with self.changed:
+            if job in self.waiting:
+                self.waiting.remove(job)
+
+    def stop(self) -> None:
+        with self.changed:
+            self.stopping = True
+            self.changed.notify_all()
+
+    def _loop(self) -> None:
+        while True:
+            with self.changed:
+                while not self.waiting and not self.stopping:
+                    self.changed.wait()
+                if self.stopping:
+                    return
+                job = self.waiting.popleft()
+            batch = [job] if job.texts is None else self._gather(job)
+            live = [j for j in batch if j.future.set_running_or_notify_cancel()]  # false: timed out, nobody waits
+            if not live:
+                continue
+            start = time.monotonic()
+            if job.texts is not None:
+                self._classify(live)
+            else:
+                self._settle(job, job.run)
+            self.seconds_per_call = 0.8 * self.seconds_per_call + 0.2 * (time.monotonic() - start)
+
+    def _gather(self, first: Job) -> list[Job]:
+        """first and the classify jobs waiting now or arriving until batch_window_s after it arrived, up to
+        MAX_BATCH_TEXTS texts in all; generation jobs keep their places in the queue."""
+        batch, n_texts = [first], len(first.texts)
+        with self.changed:
+            while True:
+                for job in [j for j in self.waiting if j.texts is not None]:
+                    if n_texts + len(job.texts) > MAX_BATCH_TEXTS:
+                        return batch  # in arrival order: a later, smaller job does not jump this one
+                    self.waiting.remove(job)
+                    batch.append(job)
+                    n_texts += len(job.texts)
+                left = first.arrived + self.batch_window_s - time.monotonic()
+                if left <= 0:
+                    return batch
+                self.changed.wait(left)
+
+    def _classify(self, jobs: list[Job]) -> None:
+        """One scoring call over all jobs' texts, each job's rows back to it; a job with a prompt over the limit
+        fails alone."""
+        ready = []
+        for job in jobs:
+            try:
+                prompts = self.loaded.prompts(job.texts)  # with rag=true, retrieval runs once per text
+                for prompt in prompts:
+                    self.check_prompt(prompt)
+                ready.append((job, prompts))
+            except Exception as error:  # the request's own error, answered by its handler
+                job.future.set_exception(error)
+        if not ready:
+            return
+        try:
+            results = self.loaded.classify_prompts([prompt for _, prompts in ready for prompt in prompts])
+        except Exception as error:  # every request of the batch gets it; the thread goes on
+            for job, _ in ready:
+                job.future.set_exception(error)
+            return
+        start = 0
+        for job, prompts in ready:
+            job.future.set_result(results[start:start + len(prompts)])
+            start += len(prompts)
+
+    @staticmethod
+    def _settle(job: Job, run: Callable[[], object]) -> None:
+        try:
+            job.future.set_result(run())
+        except Exception as error:  # answered by the request's handler; the thread goes on
+            job.future.set_exception(error)
+
+
 def create_app(loaded: "LoadedRun", max_body_bytes: int = 65536, max_new_tokens: int = 256,
-               max_prompt_tokens: int = 2048) -> FastAPI:
+               max_prompt_tokens: int = 2048, max_queue: int = 64, request_timeout_s: float = 60.0,
+               batch_window_ms: float = 10.0) -> FastAPI:
     """The API for one loaded run (routes and limits: the module docstring)."""
-    app = FastAPI(title=f"llmtune: {loaded.name}", docs_url=None, redoc_url=None)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        worker.stop()  # after the server has answered its last request
+
+    # openapi_url too: with only the docs off, /openapi.json still describes every route.
+    app = FastAPI(title=f"llmtune: {loaded.name}", openapi_url=None, docs_url=None, redoc_url=None,
+                  lifespan=lifespan)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
-    lock = threading.Lock()  # one request at a time on the model: generate() and scoring are not thread-safe
     created = int((loaded.run_dir / "config.yaml").stat().st_mtime)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError):
-        return error_response(error.status, error.message, error.code, error.type)
+        return error_response(error.status, error.message, error.code, error.type, error.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError):
@@ -199,10 +356,26 @@ def create_app(loaded: "LoadedRun", max_body_bytes: int = 65536, max_new_tokens:
             raise ApiError(400, f"stop has {len(stop)} strings; at most {MAX_STOP_STRINGS}", "invalid_request")
         return max_tokens, stop
 
-    def generate(prompt: str, request: GenerationRequest, stop: list[str], max_tokens: int) -> dict:
-        with lock:
+    worker = app.state.worker = ModelWorker(loaded, check_prompt, max_queue, batch_window_ms / 1000)  # state: tests
+
+    async def on_model(job: Job):
+        """The job's result from the model thread; 504 once request_timeout_s have passed, rather than a hang."""
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(worker.submit(job)), request_timeout_s)
+        except TimeoutError:  # wait_for has cancelled the job if it had not started
+            worker.withdraw(job)
+            raise ApiError(504, f"no answer within {request_timeout_s:g} s (request_timeout_s): the server is "
+                                "overloaded or the request is too long; retry later, or send less",
+                           "timeout", "server_error") from None
+
+    async def generate(prompt_of: Callable[[], str], request: GenerationRequest, stop: list[str],
+                       max_tokens: int) -> dict:
+        def run() -> dict:  # on the model thread: prompt_of may retrieve (rag=true), and the tokenizer is shared
+            prompt = prompt_of()
             check_prompt(prompt)
             return loaded.generate(prompt, max_tokens, request.temperature, stop)
+
+        return await on_model(Job(run=run))
 
     def usage(result: dict) -> dict:
         return {"prompt_tokens": result["prompt_tokens"], "completion_tokens": result["completion_tokens"],
@@ -214,7 +387,7 @@ def create_app(loaded: "LoadedRun", max_body_bytes: int = 65536, max_new_tokens:
                                             "owned_by": "llmtune"}]}
 
     @app.post("/v1/classify")
-    def classify(request: ClassifyRequest):
+    async def classify(request: ClassifyRequest):
         check_model(request.model)
         if loaded.labels is None:
             raise ApiError(400, f"'{loaded.name}' is a Q&A run: it has no labels to classify into; use "
@@ -223,16 +396,17 @@ def create_app(loaded: "LoadedRun", max_body_bytes: int = 65536, max_new_tokens:
         if not texts or len(texts) > MAX_CLASSIFY_INPUTS:
             raise ApiError(400, f"input has {len(texts)} texts; send 1 to {MAX_CLASSIFY_INPUTS} per request",
                            "too_many_inputs" if texts else "invalid_request")
-        with lock:
-            prompts = loaded.prompts(texts)  # with rag=true, retrieval runs once per text
-            for prompt in prompts:
-                check_prompt(prompt)
-            results = loaded.classify_prompts(prompts)
+        empty = [i for i, text in enumerate(texts) if not text.strip()]
+        if empty:  # as predict, which skips such rows as bad: no text, nothing to classify
+            more = f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""
+            raise ApiError(400, f"input {empty[0]} is empty or whitespace only{more}: send text to classify",
+                           "empty_input")
+        results = await on_model(Job(texts=texts))
         return {"object": "list", "model": loaded.name,
                 "data": [{"index": i, **result} for i, result in enumerate(results)]}
 
     @app.post("/v1/chat/completions")
-    def chat_completions(request: ChatRequest):
+    async def chat_completions(request: ChatRequest):
         max_tokens, stop = generation_options(request)
         *history, last = request.messages
         if last.role != "user":
@@ -244,7 +418,8 @@ def create_app(loaded: "LoadedRun", max_body_bytes: int = 65536, max_new_tokens:
         turns = [f"{m.role}: {m.content}" for m in history if m.role != "system"]
         text = "\n".join(turns) + "\n\n" + last.content if turns else last.content
         # rag=true runs: the run's retriever adds what it finds for this text, as in the run's own prompts.
-        result = generate(loaded.prompts([text], prompt_format)[0], request, stop + loaded.stop_texts(), max_tokens)
+        result = await generate(lambda: loaded.prompts([text], prompt_format)[0], request,
+                                stop + loaded.stop_texts(), max_tokens)
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": loaded.name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": result["text"]},
@@ -252,11 +427,11 @@ def create_app(loaded: "LoadedRun", max_body_bytes: int = 65536, max_new_tokens:
                 "usage": usage(result)}
 
     @app.post("/v1/completions")
-    def completions(request: CompletionRequest):
+    async def completions(request: CompletionRequest):
         max_tokens, stop = generation_options(request)
         if not request.prompt:
             raise ApiError(400, "prompt is empty: send the text to continue", "invalid_request")
-        result = generate(request.prompt, request, stop, max_tokens)
+        result = await generate(lambda: request.prompt, request, stop, max_tokens)
         return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": loaded.name,
                 "choices": [{"index": 0, "text": result["text"], "logprobs": None,
@@ -266,16 +441,27 @@ def create_app(loaded: "LoadedRun", max_body_bytes: int = 65536, max_new_tokens:
     return app
 
 
+@dataclass(frozen=True)
+class ServeArgs:
+    """Serve a finished run behind an OpenAI-compatible HTTP API: GET /v1/models, POST /v1/classify,
+    /v1/chat/completions and /v1/completions (`python -m pydoc llmtune.serve` describes each route)."""
+
+    run_dir: Path = positional("a finished run's folder (its name may hold '=', e.g. ...-rag=False)",
+                               metavar="RUN_DIR")
+    host: str = option("127.0.0.1", "address to listen on; beyond loopback anyone who reaches it may use the model",
+                       metavar="HOST")
+    port: int = option(8000, "port to listen on", minimum=1, maximum=65535)
+    model: str | None = option(None, "an exported folder or .gguf to serve", metavar="PATH",
+                               default_text="the run's own adapter")
+    max_body_bytes: int = option(65536, "a larger request body gets 413", minimum=1)
+    max_new_tokens: int = option(256, "the most tokens one request may generate", minimum=1)
+    max_prompt_tokens: int = option(2048, "a longer prompt gets 400", minimum=1)
+
+
 def parse_args(argv: list[str]) -> tuple[Path, dict]:
-    """RUN_DIR (always the first argument: run folder names hold '=') and the key=value options, checked before
-    anything slow loads."""
-    if not argv:
-        raise UserError(f"serve needs a run directory: usage: {USAGE}")
-    options = parse_options(argv[1:], DEFAULTS, "serve")
-    for key in ("port", "max_body_bytes", "max_new_tokens", "max_prompt_tokens"):
-        if options[key] < 1 or (key == "port" and options[key] > 65535):
-            raise UserError(f"{key}={options[key]} must be {'1 to 65535' if key == 'port' else 'at least 1'}")
-    return Path(argv[0]), options
+    """RUN_DIR and the key=value options, checked before anything slow loads."""
+    args = parse(ServeArgs, argv, "serve")
+    return args.run_dir, asdict(args)
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -290,9 +476,6 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def main(argv: list[str]) -> None:
-    if argv and argv[0] in ("-h", "--help"):
-        print(f"usage: {USAGE}\n\n{__doc__}")
-        return
     run_dir, options = parse_args(argv)
     host, port = options["host"], options["port"]
     os.environ.setdefault("TQDM_DISABLE", "1")  # no per-request progress bars from scoring in the server's log

@@ -11,7 +11,6 @@ Each trial is `python -m llmtune <spec's fixed args> <trial params> <your overri
 result is read back from the run directory (status.json, and the metric under "logged" in metrics.json).
 """
 
-import argparse
 import itertools
 import json
 import math
@@ -32,9 +31,11 @@ from optuna.trial import TrialState
 from rich.console import Console
 from rich.table import Table
 
+from llmtune.cli import option, parse, positional, rest
 from llmtune.config import check_overrides
 from llmtune.errors import UserError
 from llmtune.files import write_atomic
+from llmtune.report.params import short_names
 from llmtune.tracking import FINAL_METRICS
 
 METHODS = ("grid", "random", "bayes")
@@ -281,19 +282,19 @@ def launch_llmtune(args: list[str]) -> int:
 
 def read_result(trial_dir: Path, returncode: int, metric: str) -> tuple[float | None, str | None]:
     """(the trial's metric, None), or (None, why there is none): the trial then counts as failed."""
-    status = _read_json(trial_dir / "status.json")
+    status = _json_or_empty(trial_dir / "status.json")
     state = status.get("status", "missing (no status.json)")
     if returncode != 0 or state != "completed":
         reason = status.get("error") or f"status {state}"
         return None, f"exit code {returncode}: {reason}" if returncode else reason
-    logged = _read_json(trial_dir / "metrics.json").get("logged") or {}
+    logged = _json_or_empty(trial_dir / "metrics.json").get("logged") or {}
     value = logged.get(metric)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None, f"metrics.json logs no finite {metric} (logged: {', '.join(logged) or 'nothing'})"
     return float(value), None
 
 
-def _read_json(path: Path) -> dict:
+def _json_or_empty(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -306,12 +307,6 @@ def trial_dir_name(number: int, params: dict[str, Any], width: int = 2) -> str:
     short = short_names(list(params))
     name = "_".join([f"{number:0{width}d}", *(f"{short[k]}={short_value(v)}" for k, v in params.items())])
     return re.sub(r"[^\w.=+-]", "-", name)[:120]
-
-
-def short_names(names: list[str]) -> dict[str, str]:
-    """Each dotted key's last part (`method.lora.r` -> `r`), or the whole key where two keys share a last part."""
-    last = [name.rsplit(".", 1)[-1] for name in names]
-    return {name: part if last.count(part) == 1 else name for name, part in zip(names, last)}
 
 
 def short_value(value: Any) -> str:
@@ -380,7 +375,7 @@ def ranked(trials: list[dict], goal: str) -> list[dict]:
     return sorted(trials, key=lambda t: (t["status"] != "completed", sign * (t["value"] or 0), t["number"]))
 
 
-def print_summary(record: dict, spec: SweepSpec, sweep_dir: Path, console: Console) -> None:
+def print_sweep_table(record: dict, spec: SweepSpec, sweep_dir: Path, console: Console) -> None:
     table = Table(title=f"{spec.raw.get('name') or spec.path.stem}: {spec.metric} ({spec.goal})")
     for column in ["#", *short_names(list(spec.swept)).values(), spec.metric, "status", "s"]:
         table.add_column(column, justify="left" if column == "status" else "right")
@@ -406,19 +401,26 @@ def _say(console: Console, text: str, style: str | None = None) -> None:
 
 # --- Command line ---------------------------------------------------------------------------------------------------
 
-def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(
-        prog="llmtune sweep", description="Run a W&B sweep spec on this machine (Optuna proposes the trials).",
-        epilog="example: llmtune sweep sweeps/lora_grid.yaml model=tiny trainer.max_epochs=1 logger=csv")
-    parser.add_argument("spec", type=Path, help=f"a W&B sweep spec, e.g. {SPEC_EXAMPLE}")
-    parser.add_argument("--count", type=int, help="trials to run; grid: defaults to (and is capped at) the grid "
-                                                  "size; random and bayes: required")
-    parser.add_argument("--dir", type=Path, help="sweep directory (default outputs/sweeps/<date>/<time>_<spec>)")
-    parser.add_argument("--seed", type=int, default=42,
-                        help="seed of the search (default 42); the runs' own seed stays the config's `seed`")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every trial, e.g. model=tiny logger=csv")
-    args = parser.parse_intermixed_args(argv)
+@dataclass(frozen=True)
+class SweepArgs:
+    """Run a W&B sweep spec on this machine, one run per trial (Optuna proposes the trials).
 
+    example: llmtune sweep sweeps/lora_grid.yaml count=2 model=tiny trainer.max_epochs=1 logger=csv"""
+
+    spec: Path = positional(f"a W&B sweep spec, e.g. {SPEC_EXAMPLE}", metavar="SPEC")
+    count: int | None = option(None, "trials to run", minimum=1,
+                               default_text="a grid's size, which also caps it; random and bayes: required")
+    dir: Path | None = option(None, "the sweep's folder", metavar="DIR",
+                              default_text="outputs/sweeps/<date>/<time>_<spec>")
+    # `seed=N` stays a Hydra override (the runs' own seed), so the search's seed has its own name; --seed as before.
+    search_seed: int = option(42, "the search's seed, for Optuna's sampler; --seed N too (seed=N is an override: "
+                                  "the runs' own seed)", flags=("--seed",))
+    overrides: list[str] = rest("Hydra overrides for every trial, e.g. model=tiny logger=csv seed=1",
+                                metavar="OVERRIDE")
+
+
+def main(argv: list[str]) -> None:
+    args = parse(SweepArgs, argv, "sweep")
     spec = load_spec(args.spec)
     count = _count(spec, args.count)
     check_keys(spec, args.overrides)
@@ -427,8 +429,8 @@ def main(argv: list[str]) -> None:
     if (sweep_dir / "sweep.json").exists():
         raise UserError(f"{sweep_dir} already holds a sweep (sweep.json); choose another --dir")
     console = Console()
-    record = run_sweep(spec, count, sweep_dir, args.overrides, args.seed, launch_llmtune, console)
-    print_summary(record, spec, sweep_dir, console)
+    record = run_sweep(spec, count, sweep_dir, args.overrides, args.search_seed, launch_llmtune, console)
+    print_sweep_table(record, spec, sweep_dir, console)
     if record["best"] is None:
         sys.exit(1)
 

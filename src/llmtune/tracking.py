@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 # choosing hyper-parameters on the test split would make the test score an optimistic estimate.
 CLASSIFICATION_METRICS = ("val/accuracy", "val/macro_f1", "test/accuracy", "test/macro_f1",
                           "base/test_accuracy", "base/test_macro_f1")
-# Q&A runs (dataset.task=qa): generated answers against the references.
+# Q&A runs (task=qa): generated answers against the references.
 QA_METRICS = ("val/rougeL", "test/bleu", "test/rougeL", "test/ngram_similarity", "test/token_presence",
               "base/test_bleu", "base/test_rougeL", "base/test_ngram_similarity", "base/test_token_presence")
 FINAL_METRICS = CLASSIFICATION_METRICS + QA_METRICS

@@ -18,6 +18,15 @@ class LengthPoolBatchSampler(Sampler[list[int]]):
         self.lengths, self.batch_size, self.pool = lengths, batch_size, batch_size * max(1, pool_batches)
         self.seed, self.epoch = seed, 0
 
+    @property
+    def sampler(self):
+        """Lightning sets the epoch on `batch_sampler.sampler` before each epoch; here that is this sampler itself."""
+        return self
+
+    def set_epoch(self, epoch: int) -> None:
+        """Epoch k's order comes from (seed, k) alone: a resumed run draws it as the uninterrupted run did."""
+        self.epoch = epoch
+
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         self.epoch += 1
@@ -44,6 +53,15 @@ class PackedBatchSampler(Sampler[list[tuple[int, ...]]]):
     def __init__(self, lengths: list[int], batch_size: int, pack_length: int, seed: int):
         self.lengths, self.batch_size, self.pack_length = lengths, batch_size, pack_length
         self.seed, self.epoch = seed, 0
+
+    @property
+    def sampler(self):
+        """Lightning sets the epoch on `batch_sampler.sampler` before each epoch; here that is this sampler itself."""
+        return self
+
+    def set_epoch(self, epoch: int) -> None:
+        """Epoch k's order comes from (seed, k) alone: a resumed run draws it as the uninterrupted run did."""
+        self.epoch = epoch
 
     def packs(self, generator: torch.Generator) -> list[tuple[int, ...]]:
         order = torch.randperm(len(self.lengths), generator=generator).tolist()

@@ -17,8 +17,9 @@ def resource_path(name: str) -> str:
     return str(files("llmtune").joinpath("resources", name))
 
 
-def load_rows(dataset_cfg: DictConfig) -> list[dict]:
-    """Rows as {id, text, label}; every problem with the file is reported as one UserError line."""
+def load_rows(dataset_cfg: DictConfig, counts: dict | None = None) -> list[dict]:
+    """Rows as {id, text, label}; every problem with the file is reported as one UserError line. counts, when given,
+    gets rows_read and empty_text (rows skipped for having no text)."""
     table = read_table(str(dataset_cfg.path), dataset_cfg)
     text_col, label_col, id_col = dataset_cfg.text_column, dataset_cfg.label_column, dataset_cfg.id_column
     missing = [c for c in (text_col, label_col, id_col) if c and c not in table.column_names]
@@ -40,6 +41,8 @@ def load_rows(dataset_cfg: DictConfig) -> list[dict]:
             continue
         row_id = str(record[id_col]) if id_col else f"row-{index + 1}"
         rows.append({"id": row_id, "text": str(text).strip(), "label": label})
+    if counts is not None:
+        counts.update(rows_read=len(table), empty_text=len(table) - len(rows))
     if not rows:
         raise UserError(f"dataset file {dataset_cfg.path} has no row with text in column {text_col!r}")
     return rows
@@ -72,6 +75,20 @@ def read_table(path: str, dataset_cfg: DictConfig):
             raise UserError(f"dataset file {path} has no rows; point dataset.path at a non-empty file") from None
         raise UserError(f"could not read {path} as {builder}: {str(error).splitlines()[0][:200]}; "
                         "check the file format and dataset.encoding") from None
+
+
+def drop_duplicates(rows: list[dict], answer_key: str, counts: dict) -> list[dict]:
+    """The first row of each text (case and spacing ignored), so no text can land in two splits; counts gets
+    duplicates_removed and conflicting_answers (texts that came with more than one label or answer)."""
+    first: dict[str, dict] = {}
+    conflicting = set()
+    for row in rows:
+        key = " ".join(row["text"].lower().split())
+        if key in first and first[key][answer_key] != row[answer_key]:
+            conflicting.add(key)
+        first.setdefault(key, row)
+    counts.update(duplicates_removed=len(rows) - len(first), conflicting_answers=len(conflicting))
+    return list(first.values())
 
 
 def split_per_class(rows: list[dict], labels: list[str], split_cfg: DictConfig, seed: int) -> dict[str, list[dict]]:

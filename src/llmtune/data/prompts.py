@@ -1,13 +1,16 @@
 """Turn rows into token sequences: the model file gives the prompt format, the method decides where the loss goes."""
 
+import json
 import random
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
 from llmtune.errors import UserError
 
+PROMPT_FILE = "prompt.json"  # a run's final prompt format, beside its weights: predict, serve and export reuse it
 IGNORE_INDEX = -100  # label value that PyTorch's cross-entropy (and our masks) skip
 DEMONSTRATION_TEMPLATE = "Text: {input}\nAnswer: {answer}"
 # Stand-ins for the instruction and the input while a chat template renders: Jinja passes them through untouched, and
@@ -39,6 +42,18 @@ class PromptFormat:
 
     def answer(self, label: str) -> str:
         return self.answer_template.format(answer=label)
+
+    def save(self, folder: Path) -> None:
+        """folder/prompt.json: the instruction (with any few-shot demonstrations) and templates, as the run used them."""
+        from llmtune.files import write_atomic
+
+        write_atomic(folder / PROMPT_FILE, json.dumps(asdict(self), indent=2, ensure_ascii=False) + "\n")
+
+    @classmethod
+    def load(cls, folder: Path) -> "PromptFormat | None":
+        """The prompt format saved in folder, or None where none was saved."""
+        saved = folder / PROMPT_FILE
+        return cls(**json.loads(saved.read_text(encoding="utf-8"))) if saved.is_file() else None
 
 
 def chat_prompt_template(tokenizer) -> str:

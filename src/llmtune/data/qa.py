@@ -1,4 +1,4 @@
-"""Question/answer rows for document Q&A (dataset.task=qa): a CSV/JSONL of questions and reference answers, the
+"""Question/answer rows for document Q&A (task=qa): a CSV/JSONL of questions and reference answers, the
 required answer tokens and the gold document and page where the dataset knows them; split at random with the seed."""
 
 import ast
@@ -11,8 +11,9 @@ from llmtune.data.loading import read_table
 from llmtune.errors import UserError
 
 
-def load_qa_rows(dataset_cfg: DictConfig) -> list[dict]:
-    """Rows as {id, text (the question), answer, tokens (required in a correct answer), gold_source, gold_page}."""
+def load_qa_rows(dataset_cfg: DictConfig, counts: dict | None = None) -> list[dict]:
+    """Rows as {id, text (the question), answer, tokens (required in a correct answer), gold_source, gold_page}; counts,
+    when given, gets rows_read and empty_text (rows without a question or an answer, after dataset.keep)."""
     path = str(dataset_cfg.qa_file)
     table = read_table(path, dataset_cfg)
     columns = {key: dataset_cfg[key] for key in ("question_column", "answer_column", "id_column", "tokens_column",
@@ -22,12 +23,13 @@ def load_qa_rows(dataset_cfg: DictConfig) -> list[dict]:
         raise UserError(f"Q&A file {path} has no column for dataset.{', dataset.'.join(missing)} (it has "
                         f"{', '.join(table.column_names)}); set those keys to its column names, or null")
     keep = {column: set(values) for column, values in (dataset_cfg.get("keep") or {}).items()}
-    rows = []
+    rows, empty = [], 0
     for index, record in enumerate(table):
         if any(str(record.get(column)) not in values for column, values in keep.items()):
             continue
         question, answer = record[columns["question_column"]], record[columns["answer_column"]]
         if not question or not answer or not str(question).strip() or not str(answer).strip():
+            empty += 1
             continue
         rows.append({
             "id": str(record[columns["id_column"]]) if columns["id_column"] else f"row-{index + 1}",
@@ -37,6 +39,8 @@ def load_qa_rows(dataset_cfg: DictConfig) -> list[dict]:
             "gold_source": _cell(record, columns["source_column"]),
             "gold_page": _page(_cell(record, columns["page_column"])),
         })
+    if counts is not None:
+        counts.update(rows_read=len(table), empty_text=empty)
     if not rows:
         raise UserError(f"Q&A file {path} has no row with both a question and an answer (after dataset.keep); "
                         "check dataset.question_column, dataset.answer_column and dataset.keep")

@@ -2,7 +2,7 @@
 
 from collections.abc import Iterator
 
-from tqdm.auto import tqdm
+from llmtune.console import progress
 
 
 def length_sorted_batches(lengths: list[int], batch_size: int, desc: str) -> Iterator[list[int]]:
@@ -11,5 +11,6 @@ def length_sorted_batches(lengths: list[int], batch_size: int, desc: str) -> Ite
     if batch_size < 1:  # range() with a step below 1 would yield no batch, and callers would read unwritten memory
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
+    starts = range(0, len(order), batch_size)
+    for start in progress(starts, len(starts), desc, unit="batch"):
         yield order[start:start + batch_size]

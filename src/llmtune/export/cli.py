@@ -13,37 +13,59 @@ the answers against the run's own).
 """
 
 import tempfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 from rich.console import Console
 
+from llmtune.cli import option, parse, positional
 from llmtune.errors import UserError
-from llmtune.export.merged import export_merged
-from llmtune.export.parity import check_parity
 from llmtune.files import atomic_folder, check_output_folder
-from llmtune.inference import run_config
-from llmtune.models.loader import packaged_gguf
-from llmtune.options import parse_options
 
-FORMATS = ("merged", "gguf", "ollama")
+Format = Literal["merged", "gguf", "ollama"]
 DEFAULT_QUANT = {"gguf": "f16", "ollama": "q8_0"}
 MIN_AGREEMENT = {"q8_0": 0.97}  # everything else: 0.99; Q8_0 rounds each weight to 8 bits, a few flips are expected
 # Q&A: mean ROUGE-L of the export's answers against the run's. A sound bf16 merge of the HR rag run repeated 83 of
 # 100 answers word for word; the others drift after one flipped greedy token, so identity alone is too strict.
 QA_MIN_AGREEMENT = 0.8
-OPTIONS = {"format": "merged", "quant": None, "dtype": None, "out": None, "max_shard_size": "1GB",
-           "min_agreement": 0.0, "check": True, "overwrite": False}
+
+
+@dataclass(frozen=True)
+class ExportArgs:
+    """Ship a finished run as a merged model (plain transformers), a GGUF file (llama.cpp) or an Ollama model, then
+    re-predict the run's test rows with the export and fail if they disagree with the run's own predictions."""
+
+    run_dir: Path = positional("a finished run's folder (its name may hold '=', e.g. ...-rag=False)",
+                               metavar="RUN_DIR")
+    format: Format = option("merged", "merged: sharded safetensors + tokenizer; gguf: one .gguf file; ollama: the "
+                                      "GGUF + a Modelfile")
+    # Checked in main against the GGUF writer's types, which load only when a GGUF is written.
+    quant: str | None = option(None, "the GGUF tensor type, for format=gguf or ollama", metavar="TYPE",
+                               default_text="f16 for gguf, q8_0 for ollama")
+    dtype: Literal["float32", "bfloat16", "float16"] | None = option(
+        None, "the merged weights' dtype, for format=merged", default_text="the model's configured dtype")
+    out: Path | None = option(None, "the target folder: new or empty, or an earlier export with overwrite=true",
+                              metavar="DIR", default_text="RUN_DIR/export/FORMAT")
+    max_shard_size: str = option("1GB", "the largest safetensors file, for format=merged", metavar="SIZE")
+    min_agreement: float = option(0.0, "the least agreement with the run's predictions that passes", minimum=0,
+                                  maximum=1, default_text="0, meaning 0.99; 0.97 for q8_0; 0.8 mean ROUGE-L for Q&A")
+    check: bool = option(True, "re-predict the test rows with the export and compare")
+    overwrite: bool = option(False, "replace an earlier export in out=DIR (never a folder llmtune did not write)")
 
 
 def main(argv: list[str]) -> None:
-    if not argv or argv[0] in ("-h", "--help"):  # RUN_DIR comes first; its name may hold "=" (rag=False)
-        raise UserError("usage: llmtune export RUN_DIR format=merged|gguf|ollama [quant=f16|q8_0] [out=DIR] "
-                        "[min_agreement=0.99] [check=true] [overwrite=false]")
-    run_dir, options = Path(argv[0]), parse_options(argv[1:], OPTIONS, "export")
+    args = parse(ExportArgs, argv, "export")
+    run_dir, options = args.run_dir, asdict(args)
+    # torch and transformers: only once the arguments are good
+    from llmtune.export.merged import export_merged
+    from llmtune.export.parity import check_parity
+    from llmtune.inference import run_config
+    from llmtune.models.sources import model_source
+    from llmtune.tasks import task_of
+
     cfg = run_config(run_dir)
     fmt = options["format"]
-    if fmt not in FORMATS:
-        raise UserError(f"format={fmt} is not known; use one of {', '.join(FORMATS)}")
     quant = options["quant"] or DEFAULT_QUANT.get(fmt)
     if fmt != "merged":
         from llmtune.export.gguf_writer import OUTTYPES, write_gguf
@@ -70,7 +92,7 @@ def main(argv: list[str]) -> None:
                 # The tokenizer fields come verbatim from the GGUF the base was converted from, when it has one.
                 gguf_name = f"{cfg.model.name}-{cfg.method.name}-{quant}.gguf"
                 write_gguf(merged, staging / gguf_name, quant,
-                           tokenizer_gguf=packaged_gguf(cfg.model) if cfg.model.get("gguf") else None,
+                           tokenizer_gguf=model_source(cfg.model).tokenizer_gguf(),
                            name=run_dir.name)
                 if fmt == "ollama":
                     _write_modelfile(run_dir, cfg, merged, staging, gguf_name)
@@ -78,8 +100,8 @@ def main(argv: list[str]) -> None:
     console.print(f"[bold]exported[/] {fmt}{f' ({quant})' if fmt != 'merged' else ''} -> {out}  "
                   f"({_size_mb(model_path):,.1f} MB)")
     if options["check"]:
-        qa = cfg.dataset.get("task", "classification") == "qa"
-        threshold = float(options["min_agreement"] or (QA_MIN_AGREEMENT if qa else
+        free_text = task_of(cfg).labels is None  # Q&A: generated answers, compared by ROUGE-L
+        threshold = float(options["min_agreement"] or (QA_MIN_AGREEMENT if free_text else
                                                        MIN_AGREEMENT.get(quant if fmt != "merged" else "", 0.99)))
         parity = check_parity(run_dir, model_path, threshold)
         console.print(f"parity on {parity['rows']} test rows: agreement {parity['agreement']:.1%} "
@@ -92,10 +114,11 @@ def _write_modelfile(run_dir: Path, cfg, merged: Path, out: Path, gguf_name: str
 
     from llmtune.export.ollama import write_modelfile
     from llmtune.inference import prompt_format_of
+    from llmtune.tasks import task_of
 
     tokenizer = AutoTokenizer.from_pretrained(merged)
     prompt_format = prompt_format_of(run_dir, cfg, tokenizer)
-    labels = cfg.dataset.get("labels") if cfg.dataset.get("task", "classification") == "classification" else None
+    labels = task_of(cfg).labels
     # A classifier answers with one label: generation stops after the longest label's tokens.
     longest = max(len(tokenizer(prompt_format.answer(label), add_special_tokens=False).input_ids)
                   for label in labels) if labels else None

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-from llmtune.inference import PROMPT_FILE, load_run
+from llmtune.data.prompts import PROMPT_FILE
+from llmtune.inference import load_run
 from llmtune.models.loader import as_plain_tensors
 
 

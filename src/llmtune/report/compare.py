@@ -3,19 +3,20 @@
 Writes results.csv (one row per run), report.md and its figures into DIR (or --out), and prints the ranking.
 """
 
-import argparse
 import difflib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
+from llmtune.cli import option, parse, positional
 from llmtune.errors import UserError
 from llmtune.report import figures, params
 from llmtune.files import write_atomic
-from llmtune.report.runs import RUN_MARKERS, Run, find_run_dirs, load_run
+from llmtune.report.runs import RUN_MARKERS, Run, find_run_dirs, read_run_record
 from llmtune.report.significance import discordant_counts, mcnemar_exact, mcnemar_p
 from llmtune.tracking import FINAL_METRICS
 
@@ -23,16 +24,23 @@ SIGNIFICANCE_LEVEL = 0.05
 CONSOLE_ROWS = 20
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="llmtune report", description=__doc__.splitlines()[0])
-    parser.add_argument("dir", type=Path, help="a run folder, a Hydra multirun or sweep folder, or outputs/")
-    parser.add_argument("--metric", help=f"rank by this metric, higher is better: {', '.join(FINAL_METRICS)} "
-                                         "(default: a sweep's own metric from its sweep.json, else test/accuracy, "
-                                         "or test/rougeL for Q&A runs)")
-    parser.add_argument("--axes", help="two config keys for the heatmap, e.g. model.name,method.lora.r "
-                                       "(default: the first two varying parameters other than seed)")
-    parser.add_argument("--out", type=Path, help="folder for the report (default: DIR)")
-    return parser.parse_args(argv)
+@dataclass(frozen=True)
+class ReportArgs:
+    """Compare every run under DIR: ranking, mean ± std over seeds, significance, figures; writes results.csv,
+    report.md and the figures into DIR (or out=DIR) and prints the ranking."""
+
+    dir: Path = positional("a run folder, a Hydra multirun or sweep folder, or outputs/", metavar="DIR")
+    # A plain string, not a choice: main names the metrics with its own hint, also for a metric no run logged.
+    metric: str | None = option(None, f"rank by this metric, higher is better: {', '.join(FINAL_METRICS)}",
+                                metavar="METRIC", default_text="a sweep's own metric from its sweep.json, else "
+                                                               "test/accuracy, or test/rougeL for Q&A runs")
+    axes: str | None = option(None, "two config keys for the heatmap, e.g. model.name,method.lora.r",
+                              metavar="KEY,KEY", default_text="the first two varying parameters other than seed")
+    out: Path | None = option(None, "folder for the report", metavar="DIR", default_text="DIR")
+
+
+def parse_args(argv: list[str]) -> ReportArgs:
+    return parse(ReportArgs, argv, "report")
 
 
 def main(argv: list[str]) -> None:
@@ -80,7 +88,7 @@ def load_runs(root: Path) -> list[Run]:
     if not root.is_dir():
         raise UserError(f"{root} is not a folder; pass a run folder or a folder of runs, e.g. outputs/multirun/"
                         f"<date>/<time>")
-    runs = [load_run(path, root) for path in find_run_dirs(root)]
+    runs = [read_run_record(path, root) for path in find_run_dirs(root)]
     if not runs:
         raise UserError(f"no runs under {root} (no folder there has {' or '.join(RUN_MARKERS)}); pass the folder "
                         f"that a run, a multirun (-m) or `llmtune sweep` wrote, e.g. outputs/")
@@ -208,7 +216,8 @@ def header(root: Path, table: pd.DataFrame, metric: str, shown: list[str], follo
             f"`{key}` (with {names[twin]})" for key, twin in follows.items())
     return [f"# Run comparison: `{root}`", "",
             (f"{len(table)} runs ({counts.get('completed', 0)} completed / {counts.get('failed', 0)} failed / "
-             f"{counts.get('incomplete', 0)} incomplete) · metric `{metric}` (higher is better)"), "",
+             f"{counts.get('killed', 0)} killed / {counts.get('incomplete', 0)} incomplete) · metric `{metric}` "
+             "(higher is better)"), "",
             f"Varying parameters: {described}. Full values per run: results.csv.", ""]
 
 
@@ -269,7 +278,7 @@ def paired_comparison(best: pd.Series, runner_up: pd.Series, runs_by_name: dict[
 def problems_section(table: pd.DataFrame) -> list[str]:
     problems = table[table["status"] != "completed"]
     rows = [[row["run"], row["status"], row["error"] or "-"] for _, row in problems.iterrows()]
-    return ["## Failed and incomplete runs", ""] + (markdown_table(["run", "status", "error"], rows) if rows
+    return ["## Failed, killed and incomplete runs", ""] + (markdown_table(["run", "status", "error"], rows) if rows
                                                      else ["None.", ""])
 
 

@@ -54,7 +54,7 @@ def varying_params(configs: list[dict]) -> list[str]:
 def distinct_params(table: pd.DataFrame, keys: list[str]) -> tuple[list[str], dict[str, str]]:
     """(keys that split the runs differently from every earlier key, {each other key: the earlier key it follows}).
 
-    model.hub_id, model.dtype and model.build.* change with model.name, and dataset.path with dataset.name: as
+    model.source.*, model.dtype and model.lora.* change with model.name, and dataset.path with dataset.name: as
     columns, axes or groups they add nothing but width. seed always stays, it is what the groups average over.
     """
     def partition(key):

@@ -9,6 +9,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from llmtune.report.params import drop_location_values, flatten_config
+from llmtune.run_state import read_status
 from llmtune.tracking import FINAL_METRICS, final_metrics
 
 # A folder holding either file is a run: status.json appears when a run starts, metrics.json when it ends
@@ -46,12 +47,12 @@ def natural_order(path: Path) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.as_posix())]
 
 
-def load_run(path: Path, root: Path) -> Run:
+def read_run_record(path: Path, root: Path) -> Run:
     # The root itself being a run (`llmtune report outputs/<date>/<run>`) gets its folder name rather than ".".
     name = path.name if path == root else path.relative_to(root).as_posix()
     config = read_config(path)
     try:
-        status, summary = _read_json(path / "status.json"), _read_json(path / "metrics.json")
+        status, summary = read_status(path), _read_json(path / "metrics.json")
     except ValueError as error:
         return Run(name, path, "incomplete", f"unreadable run files: {error}", config, {}, {}, None, None)
     state, error = _state(status, summary)
@@ -61,7 +62,7 @@ def load_run(path: Path, root: Path) -> Run:
         logged = summary.get("logged") or final_metrics(summary["results"])  # older runs kept only "results"
         metrics = {name: logged[name] for name in FINAL_METRICS if name in logged}
     # Right/wrong per test row, for McNemar's test; a generated Q&A answer is not right or wrong as a whole.
-    classified = summary and summary["run"].get("task", "classification") == "classification"
+    classified = summary and "confusion_matrix" in summary["results"].get("tuned", {})
     tuned_correct, base_correct = read_correctness(path / "predictions.jsonl") if classified else (None, None)
     return Run(name, path, state, error, config, metrics, summary, tuned_correct, base_correct)
 
@@ -99,14 +100,16 @@ def _read_json(path: Path) -> dict | None:
 
 
 def _state(status: dict | None, summary: dict | None) -> tuple[str, str | None]:
-    """(completed | failed | incomplete, error). No status.json means a legacy run: complete if it has metrics."""
+    """(completed | failed | killed | incomplete, error). No status.json means a legacy run: complete if it has metrics."""
     if status is None:
         return "completed", None  # found by its metrics.json
     if status.get("status") == "completed":
         return ("completed", None) if summary is not None else ("incomplete", "completed, but metrics.json is missing")
     if status.get("status") == "failed":
         return "failed", status.get("error") or "failed without an error message"
+    if status.get("status") == "killed":  # read_status found its process gone
+        return "killed", status.get("error")
     if status.get("status") == "running":
-        # Nothing marks a killed job (SIGKILL, out of memory, machine lost): it just stays "running".
+        # Running still, or killed on another machine (read_status can only check processes on this one).
         return "incomplete", f"started {status.get('started')} and never finished (killed, or still running)"
     return "incomplete", f"unknown status {status.get('status')!r} in status.json"

@@ -20,31 +20,37 @@ def next_token_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return labelled_loss(model, batch, cache)
 
 
-# bitsandbytes' paged optimizers: optimizer state in CUDA unified memory, paged to the CPU under memory pressure.
-PAGED_OPTIMIZERS = {"paged_adamw_8bit": "PagedAdamW8bit", "paged_adamw_32bit": "PagedAdamW32bit"}
-
-
-def make_optimizer(name: str, parameters, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    if name in PAGED_OPTIMIZERS and torch.cuda.is_available():
+def paged_adamw(parameters, lr: float, weight_decay: float = 0.0, bits: int = 8) -> torch.optim.Optimizer:
+    """bitsandbytes' paged AdamW (optimizer state in CUDA unified memory, paged to the CPU under memory pressure); on a
+    machine without CUDA, torch's AdamW with a notice."""
+    if torch.cuda.is_available():
         import bitsandbytes as bnb
 
-        return getattr(bnb.optim, PAGED_OPTIMIZERS[name])(parameters, lr=lr, weight_decay=weight_decay)
-    if name in PAGED_OPTIMIZERS:  # config.check_config has already rejected unknown names
-        log.warning("optimizer %s needs CUDA (paged memory); training with torch AdamW on this CPU instead", name)
+        paged = {8: bnb.optim.PagedAdamW8bit, 32: bnb.optim.PagedAdamW32bit}[bits]
+        return paged(parameters, lr=lr, weight_decay=weight_decay)
+    log.warning("paged AdamW (%d-bit) needs CUDA; training with torch AdamW on this CPU instead", bits)
     return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
 
 
-class FineTuner(L.LightningModule):
-    """Trains the model's trainable weights (LoRA adapters, a new head, or every weight) with `loss(model, batch)`."""
+def cosine_with_warmup(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float = 0.1):
+    """Linear warm-up over warmup_ratio of the steps, then cosine decay to zero."""
+    return get_cosine_schedule_with_warmup(optimizer, round(warmup_ratio * total_steps), total_steps)
 
-    def __init__(self, model, lr: float, weight_decay: float, warmup_ratio: float, name: str = "adamw",
-                 loss: Callable = next_token_loss):
+
+class FineTuner(L.LightningModule):
+    """Trains the model's trainable weights (LoRA adapters, a new head, or every weight) with `loss(model, batch)`.
+
+    optimizer(parameters) and scheduler(optimizer, total_steps) come from the method's config (`_partial_`)."""
+
+    def __init__(self, model, optimizer: Callable, scheduler: Callable, loss: Callable = next_token_loss):
         super().__init__()
         self.model, self.loss = model, loss
-        self.lr, self.weight_decay, self.warmup_ratio, self.optimizer_name = lr, weight_decay, warmup_ratio, name
+        self.make_optimizer, self.make_scheduler = optimizer, scheduler
         # Checkpoints hold adapter weights only, so loading one must not demand the frozen base weights.
         self.strict_loading = False
         self.tokens_seen = 0  # non-padding tokens trained on, for tokens/s
+        self.resumed_from_step = None  # the checkpoint's step, when fit continued a killed run
+        self.tokens_restored = 0  # tokens_seen of the checkpoint fit continued from
 
     def on_fit_start(self):
         self.model.train()  # scoring the base model left it in eval mode; dropout, if configured, must be active
@@ -60,12 +66,15 @@ class FineTuner(L.LightningModule):
         self.log("val/loss", loss, prog_bar=True, batch_size=len(batch["input_ids"]))
 
     def configure_optimizers(self):
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = make_optimizer(self.optimizer_name, trainable, lr=self.lr, weight_decay=self.weight_decay)
-        total = self.trainer.estimated_stepping_batches
-        scheduler = get_cosine_schedule_with_warmup(optimizer, round(self.warmup_ratio * total), total)
+        optimizer = self.make_optimizer([p for p in self.model.parameters() if p.requires_grad])
+        scheduler = self.make_scheduler(optimizer, total_steps=self.trainer.estimated_stepping_batches)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint):
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["tokens_seen"] = self.tokens_seen
+
+    def on_load_checkpoint(self, checkpoint):
+        self.tokens_seen = self.tokens_restored = checkpoint.get("tokens_seen", 0)
+        self.resumed_from_step = checkpoint["global_step"]

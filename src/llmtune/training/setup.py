@@ -1,5 +1,7 @@
 """Loaders and Trainer exactly as a run builds them (the speed benchmark reuses these, not a copy)."""
 
+import sys
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -7,18 +9,21 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
+from llmtune.console import progress_every_s
 from llmtune.data.batching import LengthPoolBatchSampler, PackedBatchSampler, Packs
 from llmtune.data.prompts import PromptFormat, encode_example, pack_batch, pad_batch, split_shared_prefix
+from llmtune.training.progress import PlainProgress
 
 # trainer/ keys that shape the loaders; every other trainer/ key goes to L.Trainer as it is.
 LOADER_KEYS = ("batch_size", "length_pool_batches", "share_prefix", "packing")
 
 
-def encode_rows(rows: list[dict], tokenizer, prompt_format: PromptFormat, loss_on: str) -> list[dict]:
-    """A classification row trains on its label; a Q&A row on its answer, ended by EOS so generation stops."""
+def encode_rows(rows: list[dict], tokenizer, prompt_format: PromptFormat, loss_on: str,
+                target: Callable[[dict], str] = lambda row: row["label"], end_with_eos: bool = False) -> list[dict]:
+    """Each row's prompt and its answer (target(row): a label, a reference answer), ended by EOS where the model must
+    learn to stop generating."""
     return [encode_example(tokenizer, prompt_format.prompt(r["text"], r.get("context", "")),
-                           prompt_format.answer(r["answer"] if "answer" in r else r["label"]), loss_on,
-                           end_with_eos="answer" in r)
+                           prompt_format.answer(target(r)), loss_on, end_with_eos=end_with_eos)
             for r in rows]
 
 
@@ -42,4 +47,17 @@ def make_loaders(train: list[dict], val: list[dict], trainer_cfg: DictConfig, pa
 
 def make_trainer(trainer_cfg: DictConfig, run_dir: Path, logger, callbacks: list, **overrides) -> L.Trainer:
     settings = {k: v for k, v in OmegaConf.to_container(trainer_cfg, resolve=True).items() if k not in LOADER_KEYS}
-    return L.Trainer(**{**settings, **overrides}, default_root_dir=run_dir, logger=logger, callbacks=callbacks)
+    settings.update(overrides)
+    if settings.get("enable_progress_bar", True) and not sys.stdout.isatty():
+        # Lightning's bar redraws one line, which a log file gets only when the epoch ends: plain lines instead.
+        settings["enable_progress_bar"] = False
+        callbacks = [*callbacks, PlainProgress(progress_every_s())]
+    return L.Trainer(**settings, default_root_dir=run_dir, logger=logger, callbacks=callbacks)
+
+
+def instantiate_each(nodes: DictConfig) -> list:
+    """Every `_target_` node of a mapping (e.g. callbacks: {checkpoint: {...}}); a null entry is left out, so one can be
+    switched off from the command line (callbacks.checkpoint=null)."""
+    from hydra.utils import instantiate
+
+    return [instantiate(node) for node in nodes.values() if node is not None]

@@ -1,7 +1,7 @@
-"""Everything a run leaves behind: metrics.json, predictions.jsonl, report.md, confusion plots, console table."""
+"""What one run leaves in its folder: metrics.json, predictions.jsonl, prompt.json, report.md, plots, the console table
+(the cross-run report is llmtune.report)."""
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -10,20 +10,24 @@ from rich.table import Table
 
 from llmtune.files import write_atomic, write_atomic_with
 
-# The rows of the base-vs-tuned table, by task.
-HEADLINE = {"classification": ["accuracy", "macro_f1", "macro_precision", "macro_recall"],
-            "qa": ["bleu", "rouge1", "rouge2", "rougeL", "ngram_similarity", "token_presence"]}
-PROMPT_FILE = "prompt.json"  # read back by llmtune.inference: predict, serve and export prompt as the run did
 RETRIEVAL_EXAMPLES = 3  # rag=true: test rows shown in report.md with what was retrieved for them
+
+
+def write_run(run_dir: Path, summary: dict, predictions: dict, test_rows: list[dict], prompt_format, task) -> None:
+    """Everything a finished run leaves: prompt.json (predict, serve and export prompt exactly as the run did),
+    predictions.jsonl, the task's figures, metrics.json, report.md, and the console table."""
+    prompt_format.save(run_dir)
+    records = write_predictions(run_dir, predictions["tuned"], predictions.get("base"), test_rows)
+    tuned_name = method_label(summary["run"])
+    figures = task.figures(run_dir, summary["results"], tuned_name)
+    write_metrics(run_dir, summary)
+    write_report(run_dir, summary, figures, records, task.report_metrics,
+                 task.report_detail(summary["results"], records, tuned_name))
+    print_run_table(summary, run_dir, task.report_metrics)
 
 
 def write_metrics(run_dir: Path, summary: dict) -> None:
     write_atomic(run_dir / "metrics.json", json.dumps(summary, indent=2) + "\n")
-
-
-def write_prompt(run_dir: Path, prompt_format) -> None:
-    """The run's final prompt format (instruction with any few-shot demonstrations, templates) as prompt.json."""
-    write_atomic(run_dir / PROMPT_FILE, json.dumps(asdict(prompt_format), indent=2, ensure_ascii=False) + "\n")
 
 
 def write_predictions(run_dir: Path, tuned: list[dict], base: list[dict] | None, rows: list[dict]) -> list[dict]:
@@ -64,12 +68,12 @@ def plot_confusion(run_dir: Path, results: dict, tuned_name: str = "tuned") -> l
     return ["confusion_matrix.png"]
 
 
-def comparison_rows(results: dict, task: str = "classification") -> list[tuple[str, str, str]]:
+def comparison_rows(results: dict, metrics: tuple[str, ...]) -> list[tuple[str, str, str]]:
     """(metric, base, tuned) rows with 3 decimals; '-' where the base model was not scored (or a metric is None)."""
     def cell(name, key):
         value = results.get(name, {}).get(key)
         return "-" if value is None else f"{value:.3f}"
-    return [(key, cell("base", key), cell("tuned", key)) for key in HEADLINE[task]]
+    return [(key, cell("base", key), cell("tuned", key)) for key in metrics]
 
 
 def method_label(run: dict) -> str:
@@ -77,11 +81,12 @@ def method_label(run: dict) -> str:
     return "tuned" if run.get("trained", True) else run["method"]
 
 
-def write_report(run_dir: Path, summary: dict, figures: list[str], records: list[dict]) -> None:
-    """report.md: the setup, base vs tuned, validation, per-label detail (classification) or example answers (Q&A),
-    the retrieval settings and examples (rag=true), wall times and the figures."""
+def write_report(run_dir: Path, summary: dict, figures: list[str], records: list[dict], metrics: tuple[str, ...],
+                 detail: list[str]) -> None:
+    """report.md: the setup, base vs tuned on `metrics`, validation, the task's detail (per-label figures, example
+    answers), the retrieval settings and examples (rag=true), wall times and the figures."""
     run, results, timing, train = summary["run"], summary["results"], summary["timing_s"], summary["train"]
-    task, tuned_name = run.get("task", "classification"), method_label(run)
+    tuned_name = method_label(run)
     setup = f"Train {run['n_train']} / val {run['n_val']} / test {run['n_test']} rows (seed {run['seed']}); "
     if run.get("lora"):
         setup += f"LoRA r={run['lora']['r']} alpha={run['lora']['lora_alpha']} on {run['lora']['target_modules']}; "
@@ -89,17 +94,19 @@ def write_report(run_dir: Path, summary: dict, figures: list[str], records: list
         setup += "every weight fine-tuned (no LoRA); "
     if run.get("trained", True):
         setup += f"{train['epochs']} epoch(s), {train['steps']} steps, {train['tokens_per_s']:.0f} train tokens/s."
+        if train.get("resumed_from_step") is not None:
+            setup += f" Resumed from the checkpoint at step {train['resumed_from_step']} after an interruption."
     else:
         setup += f"no training ({run['method']}: the base model, prompted)."
     lines = [f"# {run['model']} · {run['method']} · rag={run['rag']} · {run['dataset']}", "", setup, "",
+             *([_data_line(summary["data"]), ""] if summary.get("data") else []),
              f"| metric | base | {tuned_name} |", "|---|---|---|"]
-    lines += [f"| {m} | {b} | {t} |" for m, b, t in comparison_rows(results, task)]
+    lines += [f"| {m} | {b} | {t} |" for m, b, t in comparison_rows(results, metrics)]
     if "val" in results:
-        shown = HEADLINE[task][:2]
+        shown = metrics[:2]
         lines += ["", f"Validation ({tuned_name}, n={results['val']['n']}): "
                   + ", ".join(f"{key} {results['val'][key]:.3f}" for key in shown) + "."]
-    lines += _classification_detail(results["tuned"], tuned_name) if task == "classification" else \
-        _answer_examples(records, tuned_name)
+    lines += detail
     if summary.get("retrieval"):
         lines += _retrieval_section(summary["retrieval"], records)
     lines += ["", "Wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timing.items()), ""]
@@ -107,7 +114,15 @@ def write_report(run_dir: Path, summary: dict, figures: list[str], records: list
     write_atomic(run_dir / "report.md", "\n".join(lines) + "\n")
 
 
-def _classification_detail(tuned: dict, tuned_name: str) -> list[str]:
+def _data_line(counts: dict) -> str:
+    line = f"Data: {counts['rows_read']} rows read, {counts['empty_text']} without text (skipped)"
+    if "duplicates_removed" in counts:
+        line += (f", {counts['duplicates_removed']} repeated texts dropped before splitting "
+                 f"({counts['conflicting_answers']} of them with conflicting answers)")
+    return line + "."
+
+
+def classification_detail(tuned: dict, tuned_name: str) -> list[str]:
     lines = ["", f"Per label ({tuned_name}):", "", "| label | precision | recall | f1 | support |",
              "|---|---|---|---|---|"]
     lines += [f"| {label} | {v['precision']:.3f} | {v['recall']:.3f} | {v['f1']:.3f} | {v['support']} |"
@@ -121,7 +136,7 @@ def _classification_detail(tuned: dict, tuned_name: str) -> list[str]:
     return lines
 
 
-def _answer_examples(records: list[dict], tuned_name: str) -> list[str]:
+def answer_examples(records: list[dict], tuned_name: str) -> list[str]:
     lines = ["", f"Example answers (first {RETRIEVAL_EXAMPLES} test rows):", ""]
     for record in records[:RETRIEVAL_EXAMPLES]:
         lines += [f"- **Q:** {record['text']}", f"  - reference: {record['gold']}",
@@ -145,13 +160,13 @@ def _retrieval_section(retrieval: dict, records: list[dict]) -> list[str]:
     return lines
 
 
-def print_summary(summary: dict, run_dir: Path) -> None:
+def print_run_table(summary: dict, run_dir: Path, metrics: tuple[str, ...]) -> None:
     table = Table(title=f"{summary['run']['model']} · {summary['run']['method']} · {summary['run']['dataset']} "
                         f"(test n={summary['run']['n_test']})")
     for column in ("metric", "base", method_label(summary["run"])):
         table.add_column(column, justify="left" if column == "metric" else "right")
-    for row in comparison_rows(summary["results"], summary["run"].get("task", "classification")):
+    for row in comparison_rows(summary["results"], metrics):
         table.add_row(*row)
-    console = Console()
+    console = Console(soft_wrap=True)  # the run directory on one line, also in a log file
     console.print(table)
     console.print(f"run directory: {run_dir}  (total {summary['timing_s']['total']:.0f} s)")

@@ -16,6 +16,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from llmtune.data.batching import LengthPoolBatchSampler
 from llmtune.errors import UserError
 from llmtune.evaluation.batches import length_sorted_batches
+from llmtune.methods.base import TrainedMethod
 from llmtune.models.lora import lora_settings
 
 
@@ -92,3 +93,32 @@ def classify_with_head(model, tokenizer, rows: list[dict], labels: list[str], ba
     return [{"id": r["id"], "text": r["text"], "gold": r["label"], "predicted": labels[int(p.argmax())],
              "scores": {label: round(float(v), 5) for label, v in zip(labels, p)}}
             for r, p in zip(rows, probs)]
+
+
+class ClassificationHead(TrainedMethod):
+    """A new len(labels)-way head; it has no untuned answer, so a run's base column stays empty."""
+
+    prompted = False
+
+    def __init__(self, name: str, max_length: int, lora: DictConfig, optimizer: DictConfig, scheduler: DictConfig,
+                 full_finetune: bool = False):
+        super().__init__(name, lora, optimizer, scheduler, full_finetune, max_length=max_length)
+        self.max_length = max_length
+
+    def build(self, model_cfg, task, model_dir) -> None:
+        self.tokenizer, self.model = load_classifier(model_cfg, self.settings, task.labels, model_dir)
+
+    def base_predictions(self, task, rows, zero_shot, eval_cfg) -> None:
+        return None
+
+    def predictions(self, task, rows, prompt_format, eval_cfg, desc) -> list[dict]:
+        return classify_with_head(self.model, self.tokenizer, rows, task.labels, eval_cfg.batch_size,
+                                  self.max_length, desc)
+
+    def loaders(self, task, splits, prompt_format, trainer_cfg, seed):
+        """Raw text -> label index (rag is not read: there is no prompt to put context in)."""
+        def encode(rows):
+            return encode_texts(rows, self.tokenizer, task.labels, self.max_length)
+        return classifier_loaders(encode(splits["train"]), encode(splits["val"]), trainer_cfg, self.tokenizer, seed)
+
+    loss = staticmethod(head_loss)

@@ -1,0 +1,121 @@
+"""A Method owns the model of a run: building it, scoring it before and after training, the training data encoding
+and loss, and what is saved. The Task (llmtune.tasks) says what the rows are and how answers are judged."""
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from llmtune.data.prompts import PromptFormat
+from llmtune.files import atomic_folder
+from llmtune.tasks import Task
+from llmtune.training.module import FineTuner
+
+
+class Method(ABC):
+    trains = False  # False: a prompting baseline, scored as it is
+    prompted = True  # the model reads a prompt (False: a classification head reads the raw text)
+
+    def __init__(self, name: str, **settings):
+        self.name = name
+        # The method's own config, for the helpers that read it (add_lora, load_classifier, ...).
+        self.settings = OmegaConf.create({"name": name, **settings})
+        self.tokenizer, self.model = None, None
+
+    @abstractmethod
+    def build(self, model_cfg: DictConfig, task: Task, model_dir: str) -> None:
+        """Load the tokenizer and the model this method trains or prompts."""
+
+    def prompt_format(self, zero_shot: PromptFormat, task: Task, splits: dict, seed: int) -> PromptFormat:
+        """The prompt the method's model is scored (and trained) with."""
+        return zero_shot
+
+    def base_predictions(self, task: Task, rows: list[dict], zero_shot: PromptFormat, eval_cfg: DictConfig
+                         ) -> list[dict] | None:
+        """The untuned base model's answers to rows, zero-shot; None where no untuned answer exists."""
+        return task.lm_predictions(self.model, self.tokenizer, rows, zero_shot, eval_cfg, "scoring base model")
+
+    def predictions(self, task: Task, rows: list[dict], prompt_format: PromptFormat, eval_cfg: DictConfig,
+                    desc: str) -> list[dict]:
+        return task.lm_predictions(self.model, self.tokenizer, rows, prompt_format, eval_cfg, desc)
+
+    def fit(self, task: Task, splits: dict, prompt_format: PromptFormat, trainer_cfg: DictConfig, seed: int,
+            new_trainer: Callable[[], L.Trainer], resume_from: Path | None = None) -> dict:
+        """Train (continuing from the checkpoint resume_from, when given); what was trained, for metrics.json."""
+        return {"epochs": 0, "steps": 0, "tokens": 0, "tokens_per_s": 0.0, "resumed_from_step": None}
+
+    def save(self, run_dir: Path) -> None:
+        """Write what a later predict/serve/export loads (nothing for a prompting baseline)."""
+
+    def describe(self, model_cfg: DictConfig) -> dict:
+        """The method's part of metrics.json's `run`."""
+        return {"trained": self.trains, "lora": None}
+
+
+class TrainedMethod(Method):
+    """Trains LoRA adapters (or, with full_finetune, every weight) with one LightningModule and this method's loss."""
+
+    trains = True
+
+    def __init__(self, name: str, lora: DictConfig, optimizer: DictConfig, scheduler: DictConfig,
+                 full_finetune: bool = False, **settings):
+        super().__init__(name, lora=lora, optimizer=optimizer, scheduler=scheduler, full_finetune=full_finetune,
+                         **settings)
+        self.full_finetune = full_finetune
+
+    @abstractmethod
+    def loaders(self, task: Task, splits: dict, prompt_format: PromptFormat, trainer_cfg: DictConfig, seed: int):
+        """(train loader, validation loader or None) of encoded rows."""
+
+    @staticmethod
+    @abstractmethod
+    def loss(model, batch) -> "torch.Tensor":  # noqa: F821
+        """The training loss of a batch."""
+
+    def fit(self, task, splits, prompt_format, trainer_cfg, seed, new_trainer, resume_from=None) -> dict:
+        train_loader, val_loader = self.loaders(task, splits, prompt_format, trainer_cfg, seed)
+        module = FineTuner(self.model, optimizer=instantiate(self.settings.optimizer),
+                           scheduler=instantiate(self.settings.scheduler), loss=self.loss)
+        trainer, started = new_trainer(), time.perf_counter()
+        # Lightning restores the adapter, optimizer, scheduler, epoch and step; the samplers draw each epoch's order
+        # from (seed, epoch), so the continued run sees the batches the uninterrupted one would have.
+        trainer.fit(module, train_loader, val_loader, ckpt_path=resume_from)
+        trained_now = module.tokens_seen - module.tokens_restored  # this process's share, for its speed
+        return {"epochs": trainer.current_epoch, "steps": trainer.global_step, "tokens": module.tokens_seen,
+                "tokens_per_s": trained_now / (time.perf_counter() - started),
+                "resumed_from_step": module.resumed_from_step}
+
+    def save(self, run_dir: Path) -> None:
+        """adapter/ (PeftModel.from_pretrained loads it), or with full_finetune the whole model/ with its tokenizer."""
+        with atomic_folder(run_dir / ("model" if self.full_finetune else "adapter"), overwrite=True,
+                           what=f"method={self.name}") as folder:
+            self.model.save_pretrained(folder)
+            if self.full_finetune:
+                self.tokenizer.save_pretrained(folder)
+
+    def describe(self, model_cfg: DictConfig) -> dict:
+        from llmtune.models.lora import lora_settings
+
+        return {"trained": True, "lora": None if self.full_finetune else lora_settings(model_cfg, self.settings)}
+
+
+def method_of(cfg: DictConfig, trust_remote_code: bool = False) -> Method:
+    """The method of a run's saved config. Runs written before `method` named its class (`_target_`) said
+    head: classifier|lm and train: true|false."""
+    from llmtune.trust import instantiate_trusted
+
+    node = cfg.method
+    if "_target_" not in node:
+        legacy = ("llmtune.methods.ClassificationHead" if node.get("head") == "classifier" else
+                  "llmtune.methods.LanguageModelTuning" if node.get("train", True) else "llmtune.methods.Prompting")
+        keep = {"ClassificationHead": ("name", "lora", "max_length", "full_finetune"),
+                "LanguageModelTuning": ("name", "lora", "loss_on", "quantization", "gradient_checkpointing"),
+                "Prompting": ("name", "demonstrations", "quantization")}[legacy.rsplit(".", 1)[1]]
+        node = OmegaConf.create({"_target_": legacy, **{k: node.get(k) for k in keep if k in node}})
+        if legacy != "llmtune.methods.Prompting":
+            node.optimizer, node.scheduler = {}, {}
+    return instantiate_trusted(node, trust_remote_code, _recursive_=False)

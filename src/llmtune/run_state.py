@@ -1,0 +1,97 @@
+"""A run folder's state across processes: status.json (corrected when its process died), the checkpoint a rerun into
+the same folder continues from, and results kept so a resumed run does not redo them."""
+
+import json
+import os
+import socket
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+import yaml
+
+from llmtune.errors import UserError
+from llmtune.files import write_atomic
+
+# Settings a resumed run may change: how long it trains. Anything else would mix two runs in one folder.
+RESUMABLE_CHANGES = ("trainer.max_epochs", "trainer.max_steps", "trainer.max_time")
+
+
+def write_status(run_dir: Path, status: str, started: str, error: str | None = None, **extra) -> None:
+    record = {"status": status, "error": error, "started": started,
+              "finished": None if status == "running" else now(), "pid": os.getpid(), "host": socket.gethostname(),
+              **extra}
+    write_atomic(run_dir / "status.json", json.dumps(record, indent=2) + "\n")
+
+
+def read_status(run_dir: Path) -> dict | None:
+    """status.json; a "running" run whose process is gone (kill -9, a lost node) is corrected to "killed" on disk."""
+    path = run_dir / "status.json"
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text(encoding="utf-8"))
+    if record.get("status") == "running" and record.get("host") == socket.gethostname() and record.get("pid") \
+            and not _alive(record["pid"]):
+        checkpoint = last_checkpoint(run_dir)
+        record.update(status="killed", finished=None, error=(
+            f"process {record['pid']} ended without finishing; "
+            + (f"rerun with resume={run_dir} to continue from {checkpoint.name}" if checkpoint else
+               "no checkpoint was written: rerun it")))
+        write_atomic(path, json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def last_checkpoint(run_dir: Path) -> Path | None:
+    """checkpoints/last.ckpt of an earlier attempt in this folder: what a rerun continues from."""
+    path = run_dir / "checkpoints" / "last.ckpt"
+    return path if path.is_file() else None
+
+
+def check_same_run(run_dir: Path, config: dict) -> None:
+    """A folder with an earlier attempt is continued only by the same run (its config.yaml, but for RESUMABLE_CHANGES);
+    anything else would write two runs' outputs and checkpoints into one folder."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return
+    earlier = _flat(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+    changed = sorted(key for key in set(earlier) | set(_flat(config))
+                     if earlier.get(key) != _flat(config).get(key) and key not in RESUMABLE_CHANGES
+                     and not key.startswith("paths."))
+    if changed:
+        shown = ", ".join(f"{k}: {earlier.get(k)!r} -> {_flat(config).get(k)!r}" for k in changed[:3])
+        raise UserError(f"{run_dir} holds a run with other settings ({shown}{', ...' if len(changed) > 3 else ''}); "
+                        "a rerun into a run folder continues that run: use a new folder, or the same settings")
+
+
+def cached(path: Path, compute: Callable[[], list[dict] | None]) -> list[dict] | None:
+    """compute()'s records, kept in path (JSONL) so a resumed run reads them instead of computing them again."""
+    if path.is_file():
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = compute()
+    if records is not None:
+        write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    return records
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

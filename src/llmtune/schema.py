@@ -1,0 +1,117 @@
+"""The types and ranges of a run's settings, in one place, checked on the whole resolved config before any model
+loads: a value of the wrong type or out of range is one line naming the key, what it got and what it takes.
+
+Only the keys below are typed; every other key passes through (components check their own arguments against their
+signatures: llmtune.config.signature_problems). Values must already have the right type: Hydra reads `seed=abc` as
+the string "abc" and `rag=no` as the string "no", and neither is coerced.
+"""
+
+from typing import Literal
+
+from omegaconf import DictConfig, OmegaConf
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+ACCELERATORS = Literal["auto", "cpu", "gpu", "cuda", "mps", "tpu", "hpu"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+
+
+class LoraSettings(_Section):
+    r: int = Field(ge=1)
+    lora_alpha: float = Field(gt=0)
+    lora_dropout: float = Field(ge=0, lt=1)
+
+
+class OptimizerSettings(_Section):
+    lr: float = Field(gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+
+
+class SchedulerSettings(_Section):
+    warmup_ratio: float = Field(default=0.0, ge=0, le=1)
+
+
+class MethodSettings(_Section):
+    name: str
+    full_finetune: bool = False
+    gradient_checkpointing: bool = False
+    max_length: int = Field(default=512, ge=1)
+    lora: LoraSettings | None = None
+    optimizer: OptimizerSettings | None = None
+    scheduler: SchedulerSettings | None = None
+
+
+class TrainerSettings(_Section):
+    batch_size: int = Field(ge=1)
+    length_pool_batches: int = Field(ge=1)
+    share_prefix: bool
+    max_epochs: int = Field(ge=-1)
+    max_steps: int = Field(ge=-1)
+    accumulate_grad_batches: int = Field(ge=1)
+    gradient_clip_val: float | None = Field(default=None, ge=0)
+    log_every_n_steps: int = Field(ge=1)
+    accelerator: ACCELERATORS
+    devices: int | str | list[int]
+
+
+class GenerationSettings(_Section):
+    max_new_tokens: int = Field(ge=1)
+    do_sample: bool
+    temperature: float = Field(gt=0)
+
+
+class EvalSettings(_Section):
+    baseline: bool
+    batch_size: int = Field(ge=1)
+    generation: GenerationSettings
+
+
+class ModelSettings(_Section):
+    name: str
+    dtype: Literal["bfloat16", "float16", "float32"]
+    trust_remote_code: bool
+
+
+class DatasetSettings(_Section):
+    name: str
+    duplicates: Literal["drop", "keep"] = "drop"
+
+
+class RunSettings(_Section):
+    seed: int = Field(ge=0)
+    rag: bool
+    dataset: DatasetSettings
+    model: ModelSettings
+    method: MethodSettings
+    trainer: TrainerSettings
+    eval: EvalSettings
+
+
+def schema_problems(cfg: DictConfig) -> list[str]:
+    """One line per bad value: `key=value: what it takes`."""
+    values = {key: OmegaConf.to_container(cfg[key], resolve=True) if isinstance(cfg.get(key), DictConfig)
+              else cfg.get(key) for key in RunSettings.model_fields}
+    try:
+        RunSettings.model_validate(values)
+    except ValidationError as error:
+        lines = [_describe(problem) for problem in error.errors()]
+        return list(dict.fromkeys(line for line in lines if line))  # a union type fails once per member
+    return []
+
+
+def _describe(problem: dict) -> str:
+    """`trainer.max_epochs='abc' must be a valid integer`; the union member pydantic tried is left out of the key."""
+    key = ".".join(str(part) for part in problem["loc"] if not _is_type_tag(part))
+    if problem["type"] == "missing":
+        return f"{key} is missing: set {key}=..."
+    if problem["type"].startswith("bool"):
+        return f"{key}={problem.get('input')!r} must be true or false"
+    message = problem["msg"].replace("Input should be", "must be").replace("Value error, ", "")
+    return f"{key}={problem.get('input')!r} {message}"
+
+
+def _is_type_tag(part) -> bool:
+    return isinstance(part, str) and (part in ("int", "float", "str", "bool", "none") or part.startswith(
+        ("list[", "function-", "literal[")))

@@ -1,0 +1,84 @@
+"""A Task owns its data and its judgement: loading and splitting rows, how a language model answers a row, the metrics,
+the headline metric, its part of the report, and what a finished run does with new texts (predict, serve, export).
+
+A Method (llmtune.methods) owns the model: how it is built, trained, scored and saved. A run is one Task x one Method,
+both instantiated from the config, so run.py has no branch on either.
+"""
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from llmtune.data.prompts import PromptFormat
+
+
+class Task(ABC):
+    name: str
+    headline: str  # the metric a run returns (what sweeps optimise) and the report ranks by
+    report_metrics: tuple[str, ...]  # rows of the base-vs-tuned table; the first two also summarise validation
+    answer_ends_with_eos: bool  # training answers end with EOS where the model must learn to stop generating
+
+    def __init__(self, dataset: DictConfig):
+        self.dataset = dataset
+        self.data_counts: dict = {}  # rows read, skipped and dropped by load_splits, for metrics.json and the report
+
+    @property
+    def labels(self) -> list[str] | None:
+        """The answers a classifier chooses between; None where answers are free text."""
+        return None
+
+    @abstractmethod
+    def load_splits(self, seed: int) -> dict[str, list[dict]]:
+        """{"train", "val", "test"} rows, each {id, text, ...} with what the task judges against; data_counts says
+        what was read and left out."""
+
+    @abstractmethod
+    def target(self, row: dict) -> str:
+        """The text a model is trained to answer for the row."""
+
+    @abstractmethod
+    def lm_predictions(self, model, tokenizer, rows: list[dict], prompt_format: PromptFormat, eval_cfg: DictConfig,
+                       desc: str) -> list[dict]:
+        """How a language model answers rows: {id, text, gold, predicted, ...} per row, in order."""
+
+    @abstractmethod
+    def metrics(self, predictions: list[dict]) -> dict:
+        """Every metric of the predictions, with `n`."""
+
+    @abstractmethod
+    def retriever(self, retriever_cfg: DictConfig, train: list[dict], cache_dir: str | Path
+                  ) -> tuple[Callable, dict]:
+        """rag=true: (add(rows, exclude_own=False), settings); add gives each row `context` and `retrieved`."""
+
+    def add_context(self, splits: dict[str, list[dict]], retriever_cfg: DictConfig, cache_dir: str | Path) -> dict:
+        """rag=true: retrieved context in every row of every split (a training row never retrieves itself)."""
+        add, settings = self.retriever(retriever_cfg, splits["train"], cache_dir)
+        for name, rows in splits.items():
+            add(rows, exclude_own=name == "train")
+        return settings
+
+    def retrieval_quality(self, rows: list[dict]) -> dict:
+        """What the report says about how well retrieval found what rows needed (e.g. recall@k); {} if unknown."""
+        return {}
+
+    def figures(self, run_dir: Path, results: dict, tuned_name: str) -> list[str]:
+        """PNG files written into run_dir for the report."""
+        return []
+
+    def report_detail(self, results: dict, records: list[dict], tuned_name: str) -> list[str]:
+        """report.md lines after the base-vs-tuned table."""
+        return []
+
+
+def task_of(cfg: DictConfig) -> Task:
+    """The run's task from its config. Runs written before `task` was a config node name it in dataset.task."""
+    from llmtune.tasks.classification import Classification
+    from llmtune.tasks.qa import QuestionAnswering
+    from llmtune.trust import instantiate_trusted
+
+    if cfg.get("task") is not None:
+        return instantiate_trusted(cfg.task, dataset=cfg.dataset)
+    legacy = {"classification": Classification, "qa": QuestionAnswering}
+    return legacy[cfg.dataset.get("task", "classification")](dataset=cfg.dataset)

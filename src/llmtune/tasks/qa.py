@@ -1,0 +1,44 @@
+"""Question answering over documents: a generated answer per question, judged against the reference answer."""
+
+from omegaconf import DictConfig
+
+from llmtune.data.loading import drop_duplicates
+from llmtune.data.prompts import PromptFormat
+from llmtune.data.qa import load_qa_rows, split_rows
+from llmtune.evaluation.generation import answer_questions, qa_metrics
+from llmtune.rag.context import document_retriever, recall_at_k
+from llmtune import run_outputs
+from llmtune.tasks.base import Task
+
+
+class QuestionAnswering(Task):
+    name = "qa"
+    headline = "rougeL"
+    report_metrics = ("bleu", "rouge1", "rouge2", "rougeL", "ngram_similarity", "token_presence")
+    answer_ends_with_eos = True  # a generated answer must learn to stop
+
+    def load_splits(self, seed: int) -> dict[str, list[dict]]:
+        rows = load_qa_rows(self.dataset, self.data_counts)
+        if self.dataset.duplicates == "drop":  # the same question in train and test would flatter the test score
+            rows = drop_duplicates(rows, "answer", self.data_counts)
+        return split_rows(rows, self.dataset.split, seed)
+
+    def target(self, row: dict) -> str:
+        return row["answer"]
+
+    def lm_predictions(self, model, tokenizer, rows, prompt_format: PromptFormat, eval_cfg: DictConfig, desc: str):
+        return answer_questions(model, tokenizer, rows, prompt_format, eval_cfg.generation, eval_cfg.batch_size, desc)
+
+    def metrics(self, predictions: list[dict]) -> dict:
+        return qa_metrics(predictions)
+
+    def retriever(self, retriever_cfg, train, cache_dir):
+        """The document chunks nearest each question (the training rows are not the corpus)."""
+        add, settings = document_retriever(retriever_cfg, self.dataset, cache_dir)
+        return (lambda rows, exclude_own=False: add(rows)), settings
+
+    def retrieval_quality(self, rows: list[dict]) -> dict:
+        return recall_at_k(rows)
+
+    def report_detail(self, results: dict, records: list[dict], tuned_name: str) -> list[str]:
+        return run_outputs.answer_examples(records, tuned_name)
