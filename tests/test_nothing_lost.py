@@ -236,3 +236,25 @@ def test_repeated_texts_are_dropped_before_splitting_and_counted(tmp_path):
     kept_texts = [" ".join(r["text"].lower().split()) for rows in kept.load_splits(seed=1).values() for r in rows]
     assert len(kept_texts) > len(set(kept_texts))  # duplicates=keep: every row as read, repeats included
     assert "duplicates_removed" not in kept.data_counts
+
+
+def test_a_run_folder_from_someone_else_cannot_run_code_on_load(tiny_run, cache_dir, tmp_path):
+    import yaml
+
+    source = tmp_path / "sentences.csv"
+    source.write_text("text\nProfit rose sharply\n")
+    cases = {"remote code": lambda c: c["model"].update(trust_remote_code=True),
+             "own model folder": lambda c: c["model"].update(path=str(tmp_path / "elsewhere")),
+             "foreign class": lambda c: c["method"].update(_target_="os.system")}
+    for case, edit in cases.items():
+        run = tmp_path / case.replace(" ", "-")
+        subprocess.run(["cp", "-r", str(tiny_run), str(run)], check=True)
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        edit(config)
+        (run / "config.yaml").write_text(yaml.safe_dump(config))
+        result = run_llmtune(["predict", str(run), f"input={source}", "out=-"], cache_dir)
+        assert result.returncode == 2 and "trust_remote_code=true" in one_error_line(result.stderr), case
+    # Said on the command line, the flag lets a trusted folder load (the tiny model needs no remote code).
+    result = run_llmtune(["predict", str(tmp_path / "remote-code"), f"input={source}", "out=-",
+                          "trust_remote_code=true"], cache_dir)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -91,7 +91,8 @@ def test_multirun_records_a_failed_job_and_finishes_the_others_with_offline_wand
     assert "1 job(s) failed" in result.stderr and "Traceback" not in result.stderr
     failed, finished = sorted(sweep_dir.glob("*_tiny-instruct-rag=False"))
     assert json.loads((failed / "status.json").read_text())["status"] == "failed"
-    assert "eval.batch_size=0 must be greater than or equal to 1" in json.loads((failed / "status.json").read_text())["error"]
+    error = json.loads((failed / "status.json").read_text())["error"]
+    assert "eval.batch_size=0 must be greater than or equal to 1" in error
     assert (failed / "config.yaml").is_file() and not (failed / "metrics.json").exists()
     assert json.loads((finished / "status.json").read_text())["status"] == "completed"
     logged = json.loads((finished / "metrics.json").read_text())["logged"]

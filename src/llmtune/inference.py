@@ -17,6 +17,7 @@ from llmtune.data.prompts import PROMPT_FILE, PromptFormat
 from llmtune.errors import UserError
 from llmtune.methods import method_of
 from llmtune.tasks import Task, task_of
+from llmtune.trust import check_run_is_trusted
 from llmtune.evaluation.generation import answer_questions
 from llmtune.evaluation.scoring import label_log_likelihoods
 
@@ -120,13 +121,14 @@ def prompt_format_of(run_dir: Path, cfg: DictConfig, tokenizer) -> PromptFormat:
 
 
 def load_run(run_dir: str | Path, model_path: str | Path | None = None, dtype: str | None = None,
-             dequantize: bool = False) -> LoadedRun:
+             dequantize: bool = False, trust_remote_code: bool = False) -> LoadedRun:
     """Load a run to predict with: model_path (an exported folder with config.json, or a .gguf file) or else the
     run's own weights on its base model. dtype overrides the model's configured dtype. dequantize: a 4-bit base
     (qlora) is loaded as trained, then turned back into plain tensors of dtype, ready for merging the adapter."""
     run_dir = Path(run_dir)
     cfg = run_config(run_dir)
-    task, method = task_of(cfg), method_of(cfg)
+    check_run_is_trusted(cfg, run_dir, trust_remote_code)  # the folder may come from someone else
+    task, method = task_of(cfg, trust_remote_code), method_of(cfg, trust_remote_code)
     if not method.prompted:
         raise UserError(f"{run_dir} is a method={cfg.method.name} run (a classification head, no prompt): predict, "
                         "serve and export take LM-method runs (instruct, causal, qlora, zeroshot, fewshot)")
@@ -134,7 +136,7 @@ def load_run(run_dir: str | Path, model_path: str | Path | None = None, dtype: s
     if model_path is not None:
         tokenizer, model = _load_exported(Path(model_path), torch_dtype)
     else:
-        tokenizer, model = _load_own_weights(run_dir, cfg, method.trains, torch_dtype, dequantize)
+        tokenizer, model = _load_own_weights(run_dir, cfg, method.trains, torch_dtype, dequantize, trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     labels = task.labels
@@ -149,7 +151,8 @@ def _run_retriever(cfg: DictConfig, task: Task) -> Callable[[list[dict]], None]:
     return task.retriever(cfg.retriever, task.load_splits(cfg.seed)["train"], cfg.paths.cache_dir)[0]
 
 
-def _load_own_weights(run_dir: Path, cfg: DictConfig, trained: bool, torch_dtype: torch.dtype, dequantize: bool):
+def _load_own_weights(run_dir: Path, cfg: DictConfig, trained: bool, torch_dtype: torch.dtype, dequantize: bool,
+                      trusted: bool):
     from llmtune.models.loader import load_base_model, prepare_model_dir
 
     if (run_dir / "model" / "config.json").is_file():  # method.full_finetune=true
@@ -160,7 +163,8 @@ def _load_own_weights(run_dir: Path, cfg: DictConfig, trained: bool, torch_dtype
                         "and pick a completed run")
     model_cfg = OmegaConf.merge(cfg.model, {"dtype": str(torch_dtype).removeprefix("torch.")})
     quantization = cfg.method.get("quantization")
-    tokenizer, model = load_base_model(prepare_model_dir(model_cfg, cfg.paths.cache_dir), model_cfg, quantization)
+    tokenizer, model = load_base_model(prepare_model_dir(model_cfg, cfg.paths.cache_dir, trusted), model_cfg,
+                                       quantization)
     if quantization and dequantize:
         # The NF4 values the adapter was trained against, not the original weights: merging into those would change
         # what the adapter corrects. Merging into 4-bit weights directly would round the adapter away.

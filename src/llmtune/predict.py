@@ -47,6 +47,7 @@ class PredictArgs:
     text_column: str | None = option(None, "the column (CSV) or key (JSONL) holding the text", metavar="NAME",
                                      default_text="the run's dataset.text_column, or question_column for Q&A")
     overwrite: bool = option(False, "replace an existing out=FILE")
+    trust_remote_code: bool = option(False, "load a run whose config asks for remote code or names its own model.path")
 
 
 def main(argv: list[str]) -> None:
@@ -56,7 +57,7 @@ def main(argv: list[str]) -> None:
     source, text = _read_input(options["input"])
     from llmtune.inference import load_run  # torch and transformers: only once the arguments are good
 
-    loaded = load_run(run_dir, options["model"])
+    loaded = load_run(run_dir, options["model"], trust_remote_code=options["trust_remote_code"])
     qa = loaded.labels is None  # a Q&A run answers each question; a classification run labels each text
     if qa and options["output"] == "json":
         raise UserError(f"{run_dir} is a Q&A run: output=json is the structured form of a classification; use "

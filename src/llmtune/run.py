@@ -52,8 +52,8 @@ def run(cfg: DictConfig) -> float:
     clock.lap("train")
 
     # The method's model on val (what sweeps optimise: tuning on test would flatter it) and on test.
-    results = {"val": task.metrics(method.predictions(task, splits["val"], prompts, cfg.eval, f"scoring {method.name} (val)"))
-               } if splits["val"] else {}
+    val = splits["val"] and method.predictions(task, splits["val"], prompts, cfg.eval, f"scoring {method.name} (val)")
+    results = {"val": task.metrics(val)} if val else {}
     predictions = {"tuned": method.predictions(task, splits["test"], prompts, cfg.eval, f"scoring {method.name}"),
                    "base": base}
     results.update({name: task.metrics(rows) for name, rows in predictions.items() if rows is not None})

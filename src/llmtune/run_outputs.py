@@ -77,7 +77,7 @@ def comparison_rows(results: dict, metrics: tuple[str, ...]) -> list[tuple[str, 
 
 
 def method_label(run: dict) -> str:
-    """What the 'tuned' results are: the fine-tuned model, or for a prompting baseline (zeroshot, fewshot) the method."""
+    """What the 'tuned' results are: the fine-tuned model, or for a prompting baseline (zeroshot, fewshot) its name."""
     return "tuned" if run.get("trained", True) else run["method"]
 
 

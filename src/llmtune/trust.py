@@ -28,3 +28,16 @@ def instantiate_trusted(node: DictConfig, trust_remote_code: bool = False, **kwa
         raise UserError(f"the run's config.yaml names {', '.join(foreign)}, which is not an llmtune component; "
                         "loading it would run that code: pass trust_remote_code=true if you trust who made the run")
     return instantiate(node, **kwargs)
+
+
+def check_run_is_trusted(cfg: DictConfig, run_dir, trust_remote_code: bool) -> None:
+    """A run folder's config.yaml that asks for remote code, or names a model folder of its own choosing, is loaded
+    only when the command line says trust_remote_code=true."""
+    if trust_remote_code:
+        return
+    if cfg.model.get("trust_remote_code"):
+        raise UserError(f"{run_dir} was made with model.trust_remote_code=true: loading it runs Python code from its "
+                        "model's files; pass trust_remote_code=true if you trust who made the run")
+    if cfg.model.get("path"):
+        raise UserError(f"{run_dir} loads its base model from model.path={cfg.model.path}, a folder its config.yaml "
+                        "names; pass trust_remote_code=true if you trust who made the run")

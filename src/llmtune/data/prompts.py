@@ -44,7 +44,7 @@ class PromptFormat:
         return self.answer_template.format(answer=label)
 
     def save(self, folder: Path) -> None:
-        """folder/prompt.json: the instruction (with any few-shot demonstrations) and templates, as the run used them."""
+        """folder/prompt.json: the instruction (with any few-shot demonstrations) and templates, as used."""
         from llmtune.files import write_atomic
 
         write_atomic(folder / PROMPT_FILE, json.dumps(asdict(self), indent=2, ensure_ascii=False) + "\n")

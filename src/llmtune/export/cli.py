@@ -52,6 +52,7 @@ class ExportArgs:
                                   maximum=1, default_text="0, meaning 0.99; 0.97 for q8_0; 0.8 mean ROUGE-L for Q&A")
     check: bool = option(True, "re-predict the test rows with the export and compare")
     overwrite: bool = option(False, "replace an earlier export in out=DIR (never a folder llmtune did not write)")
+    trust_remote_code: bool = option(False, "load a run whose config asks for remote code or names its own model.path")
 
 
 def main(argv: list[str]) -> None:
@@ -63,8 +64,11 @@ def main(argv: list[str]) -> None:
     from llmtune.inference import run_config
     from llmtune.models.sources import model_source
     from llmtune.tasks import task_of
+    from llmtune.trust import check_run_is_trusted
 
     cfg = run_config(run_dir)
+    trusted = options["trust_remote_code"]
+    check_run_is_trusted(cfg, run_dir, trusted)
     fmt = options["format"]
     quant = options["quant"] or DEFAULT_QUANT.get(fmt)
     if fmt != "merged":
@@ -83,16 +87,16 @@ def main(argv: list[str]) -> None:
     # never looks finished, and a folder llmtune did not write is never replaced.
     with atomic_folder(out, options["overwrite"], what=f"llmtune export format={fmt}") as staging:
         if fmt == "merged":
-            export_merged(run_dir, staging, options["dtype"], options["max_shard_size"])
+            export_merged(run_dir, staging, options["dtype"], options["max_shard_size"], trusted)
             model_path = out
         else:
             # GGUF is written from a merged fp32 folder, so quantisation rounds the merged weights exactly once.
             with tempfile.TemporaryDirectory(dir=staging.parent, prefix=f".{out.name}.merging-") as scratch:
-                merged = export_merged(run_dir, Path(scratch) / "merged", dtype="float32")
+                merged = export_merged(run_dir, Path(scratch) / "merged", dtype="float32", trust_remote_code=trusted)
                 # The tokenizer fields come verbatim from the GGUF the base was converted from, when it has one.
                 gguf_name = f"{cfg.model.name}-{cfg.method.name}-{quant}.gguf"
                 write_gguf(merged, staging / gguf_name, quant,
-                           tokenizer_gguf=model_source(cfg.model).tokenizer_gguf(),
+                           tokenizer_gguf=model_source(cfg.model, trusted).tokenizer_gguf(),
                            name=run_dir.name)
                 if fmt == "ollama":
                     _write_modelfile(run_dir, cfg, merged, staging, gguf_name)
@@ -103,7 +107,7 @@ def main(argv: list[str]) -> None:
         free_text = task_of(cfg).labels is None  # Q&A: generated answers, compared by ROUGE-L
         threshold = float(options["min_agreement"] or (QA_MIN_AGREEMENT if free_text else
                                                        MIN_AGREEMENT.get(quant if fmt != "merged" else "", 0.99)))
-        parity = check_parity(run_dir, model_path, threshold)
+        parity = check_parity(run_dir, model_path, threshold, trusted)
         console.print(f"parity on {parity['rows']} test rows: agreement {parity['agreement']:.1%} "
                       f"(min {threshold:.0%}), {parity['metric']} {parity['export_score']:.3f} vs run "
                       f"{parity['run_score']:.3f} (delta {parity['delta']:+.3f}), {parity['seconds']} s")

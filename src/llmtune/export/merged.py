@@ -11,12 +11,13 @@ from llmtune.inference import load_run
 from llmtune.models.loader import as_plain_tensors
 
 
-def export_merged(run_dir: Path, out_dir: Path, dtype: str | None = None, max_shard_size: str = "1GB") -> Path:
+def export_merged(run_dir: Path, out_dir: Path, dtype: str | None = None, max_shard_size: str = "1GB",
+                  trust_remote_code: bool = False) -> Path:
     """Write the merged model into out_dir (a staging folder: the caller makes it the target only once complete).
     Merge in fp32 (a bf16 sum would round most of the adapter's small update away), then save in dtype
     (default: the model's configured dtype). A QLoRA base is de-quantised first: merging into 4-bit weights would
     round the adapter away entirely."""
-    loaded = load_run(run_dir, dtype="float32", dequantize=True)
+    loaded = load_run(run_dir, dtype="float32", dequantize=True, trust_remote_code=trust_remote_code)
     model = loaded.model
     if hasattr(model, "merge_and_unload"):  # a PeftModel; zeroshot/fewshot runs have no adapter to merge
         model = model.merge_and_unload()

@@ -17,14 +17,14 @@ def run_predictions(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def check_parity(run_dir: Path, model_path: Path, min_agreement: float) -> dict:
+def check_parity(run_dir: Path, model_path: Path, min_agreement: float, trust_remote_code: bool = False) -> dict:
     """Agreement of the exported model with the run's own test predictions (the share of equal labels; Q&A: the
     mean ROUGE-L of each answer against the run's) and the change in the run's headline metric (accuracy; Q&A:
     ROUGE-L against the references), written beside it (a folder's parity.json, or <file>.parity.json); below min_agreement it raises (the files stay, for
     inspection)."""
     rows = run_predictions(run_dir)
     started = time.perf_counter()
-    exported = load_run(run_dir, model_path)
+    exported = load_run(run_dir, model_path, trust_remote_code=trust_remote_code)
     texts, desc = [r["text"] for r in rows], f"parity: {model_path.name}"
     qa = exported.labels is None
     if qa:  # greedy answers, so an unchanged model repeats them word for word

