@@ -258,3 +258,26 @@ def test_a_run_folder_from_someone_else_cannot_run_code_on_load(tiny_run, cache_
     result = run_llmtune(["predict", str(tmp_path / "remote-code"), f"input={source}", "out=-",
                           "trust_remote_code=true"], cache_dir)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_a_full_disk_keeps_the_old_checkpoint_whole_and_still_marks_the_run_failed(tmp_path, monkeypatch):
+    import errno
+
+    import llmtune.files
+    from llmtune import run_state
+    from llmtune.training.checkpoints import AtomicCheckpointIO
+
+    path = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"global_step": 4, "state_dict": {"w": torch.ones(3)}}, path)
+    run_state.write_status(tmp_path, "running", "t0")
+
+    def no_space(*_):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(llmtune.files.os, "replace", no_space)
+    with pytest.raises(OSError):
+        AtomicCheckpointIO().save_checkpoint({"global_step": 8, "state_dict": {"w": torch.zeros(3)}}, path)
+    assert torch.load(path, weights_only=False)["global_step"] == 4  # the previous one, whole
+    run_state.write_status(tmp_path, "failed", "t0", "no space left")
+    assert json.loads((tmp_path / "status.json").read_text())["status"] == "failed"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "status.json"]  # no partial files

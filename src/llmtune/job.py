@@ -5,6 +5,7 @@ Every run directory gets `config.yaml` (resolved, secrets masked) and `status.js
 and the next job starts; `failed_jobs` lets the command exit non-zero at the end.
 """
 
+import errno
 import gc
 import logging
 import traceback
@@ -40,12 +41,17 @@ def run_job(cfg: DictConfig) -> float | None:
         write_atomic(run_dir / "config.yaml", yaml.safe_dump(public_config(cfg), sort_keys=False))
         value = run(cfg)
     except Exception as error:
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:  # the machine's problem, not a bug: one line
+            error = UserError(f"no space left on the device of {run_dir} ({error.filename or 'writing outputs'}): "
+                              "free space there or move the run with hydra.run.dir=DIR, then rerun to resume")
         message = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
         first_line = message.strip().splitlines()[0]
         write_status(run_dir, "failed", started, first_line)
         finish_wandb(exit_code=1)
         if not _in_multirun():
-            raise  # a UserError becomes one line (report_user_errors); anything else is a bug: show it
+            if isinstance(error, UserError):
+                raise error from None  # one line (report_user_errors)
+            raise  # anything else is a bug: show it
         # The traceback goes to the job's log file; the console gets one line and the sweep goes on.
         if isinstance(error, UserError):
             log.error("job failed: %s", message)

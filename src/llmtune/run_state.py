@@ -1,6 +1,7 @@
 """A run folder's state across processes: status.json (corrected when its process died), the checkpoint a rerun into
 the same folder continues from, and results kept so a resumed run does not redo them."""
 
+import errno
 import json
 import os
 import socket
@@ -17,11 +18,19 @@ from llmtune.files import write_atomic
 RESUMABLE_CHANGES = ("trainer.max_epochs", "trainer.max_steps", "trainer.max_time")
 
 
-def write_status(run_dir: Path, status: str, started: str, error: str | None = None, **extra) -> None:
+def write_status(run_dir: Path, status: str, started: str, error: str | None = None) -> None:
     record = {"status": status, "error": error, "started": started,
-              "finished": None if status == "running" else now(), "pid": os.getpid(), "host": socket.gethostname(),
-              **extra}
-    write_atomic(run_dir / "status.json", json.dumps(record, indent=2) + "\n")
+              "finished": None if status == "running" else now(), "pid": os.getpid(), "host": socket.gethostname()}
+    text = json.dumps(record, indent=2) + "\n"
+    try:
+        write_atomic(run_dir / "status.json", text)
+    except OSError as error:
+        if error.errno != errno.ENOSPC or not (run_dir / "status.json").is_file():
+            raise
+        # A full disk has no room for a second copy; the file's own blocks do: "failed" must reach it.
+        with open(run_dir / "status.json", "r+", encoding="utf-8") as handle:
+            handle.truncate(0)
+            handle.write(text)
 
 
 def read_status(run_dir: Path) -> dict | None:
@@ -42,9 +51,13 @@ def read_status(run_dir: Path) -> dict | None:
 
 
 def last_checkpoint(run_dir: Path) -> Path | None:
-    """checkpoints/last.ckpt of an earlier attempt in this folder: what a rerun continues from."""
-    path = run_dir / "checkpoints" / "last.ckpt"
-    return path if path.is_file() else None
+    """What a rerun into this folder continues from: checkpoints/last.ckpt, or the newest step=N.ckpt where last.ckpt
+    could not be written (a full disk)."""
+    folder = run_dir / "checkpoints"
+    if (folder / "last.ckpt").is_file():
+        return folder / "last.ckpt"
+    steps = sorted(folder.glob("step=*.ckpt"), key=lambda p: int(p.stem.removeprefix("step=")))
+    return steps[-1] if steps else None
 
 
 def check_same_run(run_dir: Path, config: dict) -> None:

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 from llmtune.console import progress_every_s
 from llmtune.data.batching import LengthPoolBatchSampler, PackedBatchSampler, Packs
 from llmtune.data.prompts import PromptFormat, encode_example, pack_batch, pad_batch, split_shared_prefix
+from llmtune.training.checkpoints import AtomicCheckpointIO
 from llmtune.training.progress import PlainProgress
 
 # trainer/ keys that shape the loaders; every other trainer/ key goes to L.Trainer as it is.
@@ -52,7 +53,8 @@ def make_trainer(trainer_cfg: DictConfig, run_dir: Path, logger, callbacks: list
         # Lightning's bar redraws one line, which a log file gets only when the epoch ends: plain lines instead.
         settings["enable_progress_bar"] = False
         callbacks = [*callbacks, PlainProgress(progress_every_s())]
-    return L.Trainer(**settings, default_root_dir=run_dir, logger=logger, callbacks=callbacks)
+    return L.Trainer(**settings, default_root_dir=run_dir, logger=logger, callbacks=callbacks,
+                     plugins=[AtomicCheckpointIO()])
 
 
 def instantiate_each(nodes: DictConfig) -> list:
