@@ -344,3 +344,18 @@ def test_a_sweep_folder_is_ranked_by_its_own_metric_with_the_test_score_beside_i
     assert header.split(" | ")[-4:] == ["val/accuracy", "test/accuracy", "base/test_accuracy",
                                         "McNemar p (base vs tuned) |"]
     assert "| 1.000 | 0.800 | 1.000 |" in ranking and "| 1.000 | 0.900 | 1.000 |" in ranking
+
+
+def test_a_numeric_setting_only_failed_runs_had_still_gives_a_report(tmp_path, monkeypatch, capsys):
+    import test_report
+
+    fabricate_run(tmp_path / "0_run", {"seed": 1})
+    fabricate_run(tmp_path / "1_run", {"seed": 2})
+    monkeypatch.setitem(test_report.CONFIG["trainer"], "warmup_steps", 5)  # a key only the failed runs have
+    fabricate_run(tmp_path / "2_run", {"seed": 3, "trainer.warmup_steps": 0.5}, status="failed", error="boom")
+    fabricate_run(tmp_path / "3_run", {"seed": 4, "trainer.warmup_steps": 2.0}, status="failed", error="boom")
+    from llmtune.report.compare import main
+
+    main([str(tmp_path)])
+    report = (tmp_path / "report.md").read_text()
+    assert "no completed run sets `trainer.warmup_steps`" in report and "| 2_run | failed | boom |" in report

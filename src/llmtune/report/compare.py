@@ -323,8 +323,12 @@ def metric_vs_param_figures(out_dir: Path, ranked: pd.DataFrame, factors: list[s
     lines = []
     for key in numeric:
         name = f"metric_vs_{key}.png"
-        figures.plot_metric_vs_param(out_dir / name, figures.metric_by_value(ranked, key, metric), key, names[key],
-                                     metric)
+        # Only runs with a metric count: a setting that only failed runs had has nothing to plot.
+        by_value = figures.metric_by_value(ranked.dropna(subset=[key, metric]), key, metric)
+        if by_value.empty:
+            lines += [f"No {metric} vs {names[key]} plot: no completed run sets `{key}`.", ""]
+            continue
+        figures.plot_metric_vs_param(out_dir / name, by_value, key, names[key], metric)
         lines += [f"![{metric} vs {names[key]}]({name})", ""]
     return lines
 
