@@ -29,10 +29,10 @@ rows as bad).
 
 Under load: one thread runs the model, one call at a time, in arrival order; at most max_queue requests (64: 50
 concurrent classify clients fit, and are scored together) wait for it, and past that a request gets 429 at once
-with a Retry-After header. A request not answered within
-request_timeout_s seconds (60) of arriving gets 504 (one already running on the model finishes, unread).
-/v1/classify requests waiting together (arriving while the model is busy, or within batch_window_ms (10) of the
-first) are scored in one call, up to 256 texts; each gets its own rows back, as scored alone.
+with a Retry-After header. A request not answered within request_timeout_s seconds (60) of arriving gets 504 (one
+already running on the model finishes, unread). /v1/classify requests waiting together (arriving while the model is
+busy, or within batch_window_ms (10) of the first) are scored in one call, up to 256 texts; each gets its own rows
+back, as scored alone (benchmarks/README.md, "Serving under load": 50 clients, 4.7-5.1x the requests/s).
 """
 
 import asyncio
@@ -456,6 +456,12 @@ class ServeArgs:
     max_body_bytes: int = option(65536, "a larger request body gets 413", minimum=1)
     max_new_tokens: int = option(256, "the most tokens one request may generate", minimum=1)
     max_prompt_tokens: int = option(2048, "a longer prompt gets 400", minimum=1)
+    max_queue: int = option(64, "requests waiting for the model; past that a request gets 429 with Retry-After",
+                            minimum=1)
+    request_timeout_s: float = option(60.0, "a request not answered by then gets 504", minimum=0.001)
+    batch_window_ms: float = option(10.0, "how long /v1/classify waits to gather concurrent requests into one batch",
+                                    minimum=0.0)
+    trust_remote_code: bool = option(False, "load a run whose config asks for remote code or names its own model.path")
 
 
 def parse_args(argv: list[str]) -> tuple[Path, dict]:
@@ -468,7 +474,8 @@ def listen(host: str, port: int) -> socket.socket:
     """The listening socket, bound here so a port in use is one clear line, not uvicorn's log and exit."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        return socket.create_server((host, port), family=family)
+        # uvicorn's own backlog (Python's default is 128): a burst of connects waits to be accepted, not reset.
+        return socket.create_server((host, port), family=family, backlog=2048)
     except OSError as error:
         reason = os.strerror(error.errno) if error.errno else str(error)
         raise UserError(f"cannot listen on {host}:{port} ({reason}): pick another port= or "
@@ -479,14 +486,19 @@ def main(argv: list[str]) -> None:
     run_dir, options = parse_args(argv)
     host, port = options["host"], options["port"]
     os.environ.setdefault("TQDM_DISABLE", "1")  # no per-request progress bars from scoring in the server's log
+    # torch's OpenMP threads otherwise spin between batches and starve the server's own threads on a small machine
+    # (throughput measured in benchmarks/README.md, "Serving under load"); set before torch is imported.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import uvicorn
 
     from llmtune.inference import load_run, run_config
 
     run_config(run_dir)  # a wrong folder is named before a busy port is
     sock = listen(host, port)  # before the model loads, so a busy port fails fast
-    loaded = load_run(run_dir, options["model"])
-    app = create_app(loaded, options["max_body_bytes"], options["max_new_tokens"], options["max_prompt_tokens"])
+    loaded = load_run(run_dir, options["model"], trust_remote_code=options["trust_remote_code"])
+    app = create_app(loaded, options["max_body_bytes"], options["max_new_tokens"], options["max_prompt_tokens"],
+                     max_queue=options["max_queue"], request_timeout_s=options["request_timeout_s"],
+                     batch_window_ms=options["batch_window_ms"])
     url_host = f"[{host}]" if ":" in host else host
     print(f"llmtune serve: {loaded.name} at http://{url_host}:{port}")
     for route in ROUTES:
