@@ -241,3 +241,24 @@ def test_real_tiny_sweep_end_to_end(tmp_path, cache_dir):
         config = (run_dir / ".hydra" / "overrides.yaml").read_text()
         assert f"method.lora.r={trial['params']['method.lora.r']}" in config and "logger=csv" in config
     assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 2
+
+
+def test_an_interrupted_sweep_resumes_without_running_a_finished_trial_again(tmp_path):
+    spec = sweep.load_spec(GRID)
+    calls, whole = [], sweep.run_sweep(spec, 8, tmp_path / "whole", [], 0, fake_llmtune([]))
+    launch = fake_llmtune(calls)
+
+    def killed_after_three(args):
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # Ctrl-C, or the machine going away, during the fourth trial
+        return launch(args)
+
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_sweep(spec, 8, tmp_path / "cut", [], 0, killed_after_three)
+    earlier = json.loads((tmp_path / "cut" / "sweep.json").read_text())
+    assert len(earlier["trials"]) == 3
+    resumed = sweep.run_sweep(spec, 8, tmp_path / "cut", [], 0, launch, earlier=earlier)
+    assert len(calls) == 8  # 3 before the interruption, 5 after: none twice
+    assert [t["number"] for t in resumed["trials"]] == list(range(8))
+    assert [t["params"] for t in resumed["trials"]] == [t["params"] for t in whole["trials"]]
+    assert resumed["best"] == whole["best"]

@@ -19,7 +19,7 @@ from llmtune.methods import method_of
 from llmtune.tasks import Task, task_of
 from llmtune.trust import check_run_is_trusted
 from llmtune.evaluation.generation import answer_questions
-from llmtune.evaluation.scoring import label_log_likelihoods
+from llmtune.evaluation.scoring import label_choice, label_log_likelihoods
 
 
 
@@ -58,9 +58,11 @@ class LoadedRun:
         answers = [self.prompt_format.answer(label) for label in self.labels]
         loglik = label_log_likelihoods(self.model, self.tokenizer, prompts, answers,
                                        batch_size or self.cfg.eval.batch_size, desc)
-        probs = torch.softmax(loglik, dim=1)
-        return [{"label": self.labels[int(p.argmax())], "confidence": round(float(p.max()), 5),
-                 "scores": {label: round(float(v), 5) for label, v in zip(self.labels, p)}} for p in probs]
+        records = []
+        for p in torch.softmax(loglik, dim=1):
+            label, scores = label_choice(self.labels, p)
+            records.append({"label": label, "confidence": round(float(p.max()), 5), "scores": scores})
+        return records
 
     def answer(self, texts: list[str], batch_size: int | None = None, desc: str = "answering") -> list[dict]:
         """[{answer (, sources)}] per question, generated as the run's evaluation generates (greedy by default, the

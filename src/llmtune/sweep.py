@@ -314,10 +314,12 @@ def short_value(value: Any) -> str:
 
 
 def run_sweep(spec: SweepSpec, count: int, sweep_dir: Path, overrides: list[str], seed: int,
-              launch: Callable[[list[str]], int], console: Console | None = None) -> dict:
+              launch: Callable[[list[str]], int], console: Console | None = None, earlier: dict | None = None) -> dict:
     """Ask Optuna for `count` trials one after another, run each, tell it the metric; sweep.json after each.
 
     `launch` runs one trial from its Hydra overrides and returns the exit code (launch_llmtune; tests pass a fake).
+    `earlier`: an interrupted sweep's sweep.json; its finished trials are told to the study, not run again, and the
+    sweep goes on to `count` trials in all.
     """
     console = console or Console()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own lines report each trial
@@ -327,17 +329,23 @@ def run_sweep(spec: SweepSpec, count: int, sweep_dir: Path, overrides: list[str]
         sampler = optuna.samplers.RandomSampler(seed=seed)
     study = optuna.create_study(direction=spec.goal, sampler=sampler)
     engine = f"optuna {optuna.__version__} {type(sampler).__name__}"
+    done = (earlier or {}).get("trials", [])
+    for finished in done:  # the sampler learns from them as if it had run them
+        study.add_trial(optuna.trial.create_trial(
+            params=finished["sampled"], distributions=spec.swept,
+            value=finished["value"] if finished["status"] == "completed" else None,
+            state=TrialState.COMPLETE if finished["status"] == "completed" else TrialState.FAIL))
     if spec.method == "grid":
         engine = f"optuna {optuna.__version__} grid (every combination, enqueued in order)"
-        for point in spec.grid():
+        for point in spec.grid()[len(done):]:
             study.enqueue_trial(point)
 
     sweep_dir.mkdir(parents=True, exist_ok=True)
     record = {"spec": spec.raw, "spec_path": str(spec.path), "engine": engine, "seed": seed, "method": spec.method,
               "metric": {"name": spec.metric, "goal": spec.goal}, "overrides": overrides, "count": count,
-              "trials": [], "best": None}
+              "trials": list(done), "best": _best(list(done), spec.goal)}
     width = max(2, len(str(count - 1)))
-    for number in range(count):
+    for number in range(len(done), count):
         trial = study.ask(spec.swept)
         params = {p.name: p.pick(trial.params) for p in spec.parameters}
         swept = {name: params[name] for name in spec.swept}
@@ -353,7 +361,7 @@ def run_sweep(spec: SweepSpec, count: int, sweep_dir: Path, overrides: list[str]
             study.tell(trial, state=TrialState.FAIL)
             _say(console, f"trial {number} ({number + 1}/{count}) failed: {error}", style="red")
         record["trials"].append({
-            "number": number, "params": params, "dir": trial_dir.name,
+            "number": number, "params": params, "sampled": trial.params, "dir": trial_dir.name,
             "status": "completed" if error is None else "failed", "value": value, "error": error,
             "seconds": round(time.perf_counter() - started, 1)})
         record["best"] = _best(record["trials"], spec.goal)
@@ -415,6 +423,7 @@ class SweepArgs:
     # `seed=N` stays a Hydra override (the runs' own seed), so the search's seed has its own name; --seed as before.
     search_seed: int = option(42, "the search's seed, for Optuna's sampler; --seed N too (seed=N is an override: "
                                   "the runs' own seed)", flags=("--seed",))
+    resume: bool = option(False, "continue the interrupted sweep in dir=DIR: its finished trials are not run again")
     overrides: list[str] = rest("Hydra overrides for every trial, e.g. model=tiny logger=csv seed=1",
                                 metavar="OVERRIDE")
 
@@ -426,13 +435,28 @@ def main(argv: list[str]) -> None:
     check_keys(spec, args.overrides)
     now = datetime.now()
     sweep_dir = args.dir or Path("outputs/sweeps") / f"{now:%Y-%m-%d}" / f"{now:%H-%M-%S}_{spec.path.stem}"
-    if (sweep_dir / "sweep.json").exists():
-        raise UserError(f"{sweep_dir} already holds a sweep (sweep.json); choose another --dir")
+    earlier = earlier_sweep(args.dir, spec, args) if args.resume else None
+    if earlier is None and (sweep_dir / "sweep.json").exists():
+        raise UserError(f"{sweep_dir} already holds a sweep (sweep.json): choose another --dir, or add --resume to "
+                        "continue it")
     console = Console()
-    record = run_sweep(spec, count, sweep_dir, args.overrides, args.search_seed, launch_llmtune, console)
+    record = run_sweep(spec, count, sweep_dir, args.overrides, args.search_seed, launch_llmtune, console, earlier)
     print_sweep_table(record, spec, sweep_dir, console)
     if record["best"] is None:
         sys.exit(1)
+
+
+def earlier_sweep(sweep_dir: Path | None, spec: SweepSpec, args: SweepArgs) -> dict:
+    """The interrupted sweep's record, checked to be the same sweep (spec, overrides, search seed)."""
+    if sweep_dir is None or not (sweep_dir / "sweep.json").is_file():
+        raise UserError("--resume needs dir=DIR naming the folder of the sweep to continue (one with sweep.json)")
+    record = json.loads((sweep_dir / "sweep.json").read_text(encoding="utf-8"))
+    if (record["spec"], record["overrides"], record["seed"]) != (spec.raw, list(args.overrides), args.search_seed):
+        raise UserError(f"{sweep_dir} holds another sweep (its spec, overrides or seed differ): resume it with "
+                        f"the same command, or start a new one in another dir")
+    if any("sampled" not in trial for trial in record["trials"]):
+        raise UserError(f"{sweep_dir}'s sweep.json predates --resume (no sampled values): start a new sweep")
+    return record
 
 
 def _count(spec: SweepSpec, count: int | None) -> int:

@@ -55,7 +55,19 @@ def classify(model, tokenizer, rows: list[dict], prompt_format: PromptFormat, la
     prompts = [prompt_format.prompt(r["text"], r.get("context", "")) for r in rows]
     loglik = label_log_likelihoods(model, tokenizer, prompts, [prompt_format.answer(l) for l in labels],
                                    batch_size, desc)
-    probs = torch.softmax(loglik, dim=1)
-    return [{"id": r["id"], "text": r["text"], "gold": r["label"], "predicted": labels[int(p.argmax())],
-             "scores": {label: round(float(v), 5) for label, v in zip(labels, p)}}
-            for r, p in zip(rows, probs)]
+    return labelled_predictions(rows, labels, torch.softmax(loglik, dim=1))
+
+
+def labelled_predictions(rows: list[dict], labels: list[str], probs: torch.Tensor) -> list[dict]:
+    """{id, text, gold, predicted, scores} per row from its probability of each label (row i of probs)."""
+    records = []
+    for row, row_probs in zip(rows, probs):
+        predicted, scores = label_choice(labels, row_probs)
+        records.append({"id": row["id"], "text": row["text"], "gold": row["label"], "predicted": predicted,
+                        "scores": scores})
+    return records
+
+
+def label_choice(labels: list[str], probs: torch.Tensor) -> tuple[str, dict[str, float]]:
+    """The most probable label and every label's probability (5 decimals), from one row of probabilities."""
+    return labels[int(probs.argmax())], {label: round(float(v), 5) for label, v in zip(labels, probs)}

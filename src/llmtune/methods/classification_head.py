@@ -16,6 +16,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from llmtune.data.batching import LengthPoolBatchSampler
 from llmtune.errors import UserError
 from llmtune.evaluation.batches import length_sorted_batches
+from llmtune.evaluation.scoring import labelled_predictions
 from llmtune.methods.base import TrainedMethod, print_trainable
 from llmtune.models.lora import lora_settings
 
@@ -88,9 +89,7 @@ def classify_with_head(model, tokenizer, rows: list[dict], labels: list[str], ba
     for batch in length_sorted_batches([len(row_ids) for row_ids in ids], batch_size, desc):
         inputs = tokenizer.pad({"input_ids": [ids[i] for i in batch]}, return_tensors="pt").to(model.device)
         probs[batch] = torch.softmax(model(**inputs).logits.float(), dim=-1).cpu()
-    return [{"id": r["id"], "text": r["text"], "gold": r["label"], "predicted": labels[int(p.argmax())],
-             "scores": {label: round(float(v), 5) for label, v in zip(labels, p)}}
-            for r, p in zip(rows, probs)]
+    return labelled_predictions(rows, labels, probs)
 
 
 class ClassificationHead(TrainedMethod):
