@@ -251,7 +251,7 @@ def test_heatmap_over_model_and_method(grid_report):
 def test_grid_params_confusion_limit_and_no_numeric_param(grid_report):
     root, report, table = grid_report
     # model.dtype changes with model.name: kept in results.csv, folded into model elsewhere.
-    assert table.columns[2:6].tolist() == ["model.name", "model.dtype", "method.name", "seed"]
+    assert table.columns[2:6].tolist() == ["model.name", "method.name", "model.dtype", "seed"]
     assert "`model.dtype` (with model)" in report
     assert "| # | run | model | method | seed | test/accuracy |" in report
     assert "Confusion matrices of the best 12 runs; 4 more left out." in report

@@ -41,12 +41,15 @@ def is_numeric(values: pd.Series) -> bool:
 
 
 def varying_params(configs: list[dict]) -> list[str]:
-    """Config keys whose value differs between runs: categorical ones first (model.name, method.name, rag, ...),
+    """Config keys whose value differs between runs: categorical ones first (the *.name keys, then rag, ...),
     then numeric ones (method.lora.r, method.optimizer.lr, ...), seed last; config order within each kind."""
     known = [config for config in configs if config]  # a run without any config file says nothing either way
     table = pd.DataFrame(known)
     varying = [key for key in table.columns if table[key].astype(str).nunique(dropna=False) > 1]
     categorical = [key for key in varying if key != "seed" and not is_numeric(table[key])]
+    # A choice's name (method.name) before the settings that change with it (method._target_, method.full_finetune):
+    # distinct_params keeps the first key of each group, and the name is what a reader recognises.
+    categorical.sort(key=lambda key: not key.endswith(".name"))
     numeric = [key for key in varying if key != "seed" and is_numeric(table[key])]
     return categorical + numeric + (["seed"] if "seed" in varying else [])
 
