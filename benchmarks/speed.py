@@ -42,11 +42,11 @@ def product_config(args, overrides=()):
 
 def inputs(args, overrides=()):
     """Config, model folder, train rows (steps x batch) and test rows, split by the product's seeded protocol."""
-    from llmtune.data.loading import load_rows, split_per_class
+    from llmtune.tasks import task_of
     from llmtune.models.loader import prepare_model_dir
 
     cfg = product_config(args, overrides)
-    splits = split_per_class(load_rows(cfg.dataset), list(cfg.dataset.labels), cfg.dataset.split, cfg.seed)
+    splits = task_of(cfg).load_splits(cfg.seed)
     model_dir = prepare_model_dir(cfg.model, cfg.paths.cache_dir)
     return cfg, model_dir, splits["train"][: args.steps * args.batch_size], splits["test"][: args.sentences]
 

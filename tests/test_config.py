@@ -32,7 +32,9 @@ def test_every_combination_composes(model, method, dataset, tmp_path):
             build_components(cfg)
     else:
         task, built = build_components(cfg)  # every component instantiates with its configured arguments
-        assert built.name == method and task.labels == (None if qa else resolved["dataset"]["labels"])
+        labels = resolved["dataset"].get("labels")
+        words = list(labels.values()) if isinstance(labels, dict) else labels  # {code: word} scores the words
+        assert built.name == method and task.labels == (None if qa else words)
 
 
 def test_groups_are_not_empty():

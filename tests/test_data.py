@@ -5,7 +5,8 @@ from collections import Counter
 import pytest
 
 from conftest import compose_config
-from llmtune.data.loading import load_rows, split_per_class
+from llmtune.data.loading import load_rows
+from llmtune.data.splits import make_splits
 from llmtune.data.prompts import IGNORE_INDEX, PromptFormat, encode_example, pad_batch
 from llmtune.errors import UserError
 
@@ -22,9 +23,14 @@ def write_csv(path, rows, header="text,label"):
 
 
 def test_shipped_demo_loads_balanced():
-    rows = load_rows(compose_config([]).dataset)
+    rows, given_by = load_rows(compose_config([]).dataset)
+    assert given_by is None
     assert Counter(r["label"] for r in rows) == {"positive": 120, "negative": 120, "neutral": 120}
     assert len({r["id"] for r in rows}) == 360
+
+
+def split_per_class(rows, labels, split, seed):
+    return make_splits(rows, split, seed, labels, "label", False, {})
 
 
 def test_split_is_stratified_seeded_and_test_independent_of_train_size():
@@ -46,13 +52,13 @@ def test_split_asking_for_more_rows_than_a_class_has(tmp_path):
     rows = [{"id": str(i), "text": "x", "label": label} for i, label in enumerate("aab")]
     split = compose_config([]).dataset.split
     split.train_per_class, split.test_per_class = 1, 1
-    with pytest.raises(UserError, match="label 'b' has 1 rows but the split asks for 2"):
+    with pytest.raises(UserError, match="label 'b' has 0 rows left but dataset.split.train_per_class asks for 1"):
         split_per_class(rows, ["a", "b"], split, seed=0)
 
 
 @pytest.mark.parametrize("case,expected", [
     ("missing", "dataset file not found"),
-    ("no_column", "has no column 'text'"),
+    ("no_column", "has no column for dataset.text_column='text'"),
     ("empty", "has no rows"),
     ("unknown_label", "label 'bullish', which is not in dataset.labels"),
 ])
@@ -72,11 +78,11 @@ def test_bad_dataset_files_raise_one_line(tmp_path, case, expected):
 def test_jsonl_and_headerless_csv(tmp_path):
     jsonl = tmp_path / "d.jsonl"
     jsonl.write_text('{"text": "profit rose", "label": "positive"}\n{"text": "loss", "label": "negative"}\n')
-    assert [r["label"] for r in load_rows(dataset_cfg(jsonl))] == ["positive", "negative"]
+    assert [r["label"] for r in load_rows(dataset_cfg(jsonl))[0]] == ["positive", "negative"]
     headerless = tmp_path / "all-data.csv"
     headerless.write_text("neutral,The plant is in Oulu .\npositive,Sales rose .\n", encoding="latin-1")
-    rows = load_rows(dataset_cfg(headerless, column_names="[label,text]", encoding="latin-1"))
-    assert rows[0] == {"id": "row-1", "text": "The plant is in Oulu .", "label": "neutral"}
+    rows, _ = load_rows(dataset_cfg(headerless, column_names="[label,text]", encoding="latin-1"))
+    assert rows[0] == {"id": "row-1", "text": "The plant is in Oulu .", "label": "neutral", "raw_label": "neutral"}
 
 
 def test_loss_mask_of_each_method(tiny_model_dir):

@@ -8,7 +8,7 @@ from conftest import compose_config, tiny_dimensions
 from omegaconf import open_dict
 from peft import PeftModel
 
-from llmtune.data.loading import load_rows, split_per_class
+from llmtune.tasks import task_of
 from llmtune.data.prompts import PromptFormat, encode_example, pad_batch
 from llmtune.evaluation.scoring import classify
 from llmtune.models.loader import load_base_model
@@ -46,9 +46,9 @@ def test_qlora_trains_on_a_4bit_base_and_reloads_to_the_same_predictions(tiny64_
     linear = base.model.layers[0].self_attn.q_proj
     assert type(linear).__name__ == "Linear4bit" and linear.weight.dtype == torch.uint8  # packed NF4
     reloaded = PeftModel.from_pretrained(base, tmp_path / "q" / "adapter")
-    rows = split_per_class(load_rows(cfg.dataset), list(cfg.dataset.labels), cfg.dataset.split, cfg.seed)["test"]
+    rows = task_of(cfg).load_splits(cfg.seed)["test"]
     again = classify(reloaded, tokenizer, rows, PromptFormat.from_config(cfg.model, cfg.dataset, tokenizer),
-                     list(cfg.dataset.labels), 16, "rescoring")
+                     task_of(cfg).labels, 16, "rescoring")
     assert [p["predicted"] for p in again] == [p["predicted"] for p in predictions]
     for before, after in zip(predictions, again):
         assert after["scores"] == pytest.approx(before["scores"], abs=2e-3)

@@ -8,7 +8,8 @@ from conftest import compose_config
 from omegaconf import OmegaConf, open_dict
 
 from llmtune.data.prompts import PromptFormat
-from llmtune.data.qa import load_qa_rows, split_rows
+from llmtune.data.qa import load_qa_rows
+from llmtune.data.splits import make_splits
 from llmtune.errors import UserError
 from llmtune.evaluation.generation import qa_metrics, token_presence
 from llmtune.rag.context import recall_at_k
@@ -27,7 +28,7 @@ def test_qa_rows_carry_question_answer_tokens_and_gold_location(tmp_path):
     cfg = qa_dataset(tmp_path, 'How long is probation?,Probation lasts 3 months.,HR_Policy.pdf,12,"[\'3 months\']",'
                                'free_form\nWho approves leave?,The manager.,HR_Policy.pdf,,,free_form\n'
                                ',No question here.,HR_Policy.pdf,3,,free_form\n')
-    rows = load_qa_rows(cfg)
+    rows, _ = load_qa_rows(cfg)
     assert rows == [
         {"id": "row-1", "text": "How long is probation?", "answer": "Probation lasts 3 months.", "tokens": ["3 months"],
          "gold_source": "HR_Policy.pdf", "gold_page": 12},
@@ -39,7 +40,7 @@ def test_keep_filters_rows_by_column_values(tmp_path):
     cfg = qa_dataset(tmp_path, "Q1,A1,d.pdf,1,,free_form\nQ2,A2,d.pdf,1,,multi_choice\n")
     with open_dict(cfg):
         cfg.keep = {"qa_type": ["free_form"]}
-    assert [r["text"] for r in load_qa_rows(cfg)] == ["Q1"]
+    assert [r["text"] for r in load_qa_rows(cfg)[0]] == ["Q1"]
 
 
 @pytest.mark.parametrize("body,expected", [
@@ -53,18 +54,24 @@ def test_bad_qa_files_are_one_line(tmp_path, body, expected):
     assert "\n" not in str(error.value)
 
 
+def split_rows(rows, split_cfg, seed):
+    return make_splits(rows, split_cfg, seed, None, "answer", False, {})
+
+
 def test_split_is_seeded_disjoint_and_test_first():
-    rows = [{"id": str(i)} for i in range(50)]
-    split_cfg = OmegaConf.create({"test": 10, "train": 30, "val": 5})
+    rows = [{"id": str(i), "text": f"q{i}", "answer": "a"} for i in range(50)]
+    split_cfg = OmegaConf.create({"test_rows": 10, "train_rows": 30, "val_rows": 5})
     splits = split_rows(rows, split_cfg, seed=3)
     ids = {name: [r["id"] for r in part] for name, part in splits.items()}
     assert [len(ids[n]) for n in ("test", "train", "val")] == [10, 30, 5]
     assert not set(ids["test"]) & set(ids["train"]) and not set(ids["val"]) & set(ids["train"] + ids["test"])
     assert split_rows(rows, split_cfg, seed=3) == splits and split_rows(rows, split_cfg, seed=4) != splits
     # A larger training budget keeps the test rows.
-    assert split_rows(rows, OmegaConf.create({"test": 10, "train": 40, "val": None}), seed=3)["test"] == splits["test"]
-    with pytest.raises(UserError, match="asks for 60 rows"):
-        split_rows(rows, OmegaConf.create({"test": 30, "train": 30, "val": 0}), seed=3)
+    assert split_rows(rows, OmegaConf.create({"test_rows": 10, "train_rows": 40, "val_rows": None}), seed=3)["test"] == splits["test"]
+    # Configs written before *_rows named the budgets test/train/val.
+    assert split_rows(rows, OmegaConf.create({"test": 10, "train": 30, "val": 5}), seed=3) == splits
+    with pytest.raises(UserError, match="train_rows=30 but only 20 rows are left"):
+        split_rows(rows, OmegaConf.create({"test_rows": 30, "train_rows": 30, "val_rows": 0}), seed=3)
 
 
 def test_token_presence_counts_rows_whose_answer_has_every_required_token():
@@ -104,8 +111,8 @@ def test_retrieved_context_follows_the_instruction_in_every_family_format():
         assert prompt_format.prompt("How much leave?", "") == prompt_format.prompt("How much leave?")
 
 
-SMALL_QA = ["model=tiny", "dataset=hr_demo", "trainer.max_epochs=1", "dataset.split.train=12", "dataset.split.val=2",
-            "dataset.split.test=4", "eval.generation.max_new_tokens=6", "retriever=bm25"]
+SMALL_QA = ["model=tiny", "dataset=hr_demo", "trainer.max_epochs=1", "dataset.split.train_rows=12", "dataset.split.val_rows=2",
+            "dataset.split.test_rows=4", "eval.generation.max_new_tokens=6", "retriever=bm25"]
 
 
 def run_qa(tmp_path, cache_dir, tiny_model_dir, *overrides):

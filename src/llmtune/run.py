@@ -27,14 +27,16 @@ def run(cfg: DictConfig) -> float:
     run_dir = Path(cfg.paths.output_dir)
     L.seed_everything(cfg.seed, verbose=False)  # data split, demonstrations, LoRA init and order follow the seed
 
-    # Data: the task's rows in a seeded split; rag=true puts retrieved context (document chunks for Q&A, the nearest
-    # labelled training examples for classification) into every row.
+    # Data: the task's rows, split as the data gives it or drawn with the seed (read before any model loads).
     splits = task.load_splits(cfg.seed)
-    retrieval = task.add_context(splits, cfg.retriever, cfg.paths.cache_dir) if cfg.rag else None
 
-    # Model: local files (converted once from GGUF, built, or from the HF cache) -> the method's model; prompts in
-    # the model family's format (fewshot adds its demonstrations).
+    # Model: local files (converted once from GGUF, built, or from the HF cache) -> the method's model. Texts are cut
+    # to dataset.max_input_tokens of its tokens; rag=true then puts retrieved context (document chunks for Q&A, the
+    # nearest labelled training examples for classification) into every row; prompts in the model family's format
+    # (fewshot adds its demonstrations).
     method.build(cfg.model, task, prepare_model_dir(cfg.model, cfg.paths.cache_dir))
+    task.limit_input_length(splits, method.tokenizer)
+    retrieval = task.add_context(splits, cfg.retriever, cfg.paths.cache_dir) if cfg.rag else None
     zero_shot = PromptFormat.from_config(cfg.model, cfg.dataset, method.tokenizer)
     prompts = method.prompt_format(zero_shot, task, splits, cfg.seed)
     clock.lap("prepare")

@@ -8,6 +8,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from llmtune.data.splits import SMALL_TEST_CLASS
 from llmtune.files import write_atomic, write_atomic_with
 
 RETRIEVAL_EXAMPLES = 3  # rag=true: test rows shown in report.md with what was retrieved for them
@@ -115,11 +116,34 @@ def write_report(run_dir: Path, summary: dict, figures: list[str], records: list
 
 
 def _data_line(counts: dict) -> str:
-    line = f"Data: {counts['rows_read']} rows read, {counts['empty_text']} without text (skipped)"
+    """What was read, dropped, how the split was made (with each part's classes), overlap with test and cut texts."""
+    read = []
+    if "rows_read" in counts:
+        read.append(f"{counts['rows_read']} rows read, {counts['empty_text']} without text (skipped)")
     if "duplicates_removed" in counts:
-        line += (f", {counts['duplicates_removed']} repeated texts dropped before splitting "
-                 f"({counts['conflicting_answers']} of them with conflicting answers)")
-    return line + "."
+        read.append(f"{counts['duplicates_removed']} repeated texts dropped "
+                    f"({counts['conflicting_answers']} of them with conflicting answers)")
+    line = f"Data: {', '.join(read)}." if read else "Data:"
+    if counts.get("split_mode"):
+        line += f" Split: {counts['split_mode']}"
+        if counts.get("class_counts"):
+            line += "; " + " / ".join(f"{part} " + ", ".join(f"{label} {n}" for label, n in classes.items())
+                                      for part, classes in counts["class_counts"].items())
+        line += "."
+    if counts.get("overlap_with_test"):
+        line += " Texts also in the test split: " + ", ".join(
+            f"{part} {n}" for part, n in counts["overlap_with_test"].items()) + " rows."
+    cut = counts.get("truncated")
+    if cut:
+        line += (f" Texts cut to {cut['max_input_tokens']} tokens ({cut['side']}): train {cut.get('train', 0)}, "
+                 f"val {cut.get('val', 0)}, test {cut.get('test', 0)} rows.")
+    small = {label: n for label, n in (counts.get("class_counts") or {}).get("test", {}).items()
+             if n < SMALL_TEST_CLASS}
+    if small:
+        line += (f"\n\n**Warning:** test classes with fewer than {SMALL_TEST_CLASS} rows ("
+                 + ", ".join(f"{label} {n}" for label, n in small.items())
+                 + "): their per-label figures are noisy.")
+    return line
 
 
 def classification_detail(tuned: dict, tuned_name: str) -> list[str]:

@@ -74,9 +74,26 @@ class ModelSettings(_Section):
     trust_remote_code: bool
 
 
+class SplitSettings(_Section):
+    column: str | None = None
+    names: dict[str, str | None] | None = None
+    train_per_class: int | None = Field(default=None, ge=0)
+    val_per_class: int | None = Field(default=None, ge=0)
+    test_per_class: int | None = Field(default=None, ge=0)
+    train_rows: int | None = Field(default=None, ge=1)
+    val_rows: int | None = Field(default=None, ge=0)
+    test_rows: int | None = Field(default=None, ge=1)
+
+
 class DatasetSettings(_Section):
     name: str
     duplicates: Literal["drop", "keep"] = "drop"
+    labels: list[str | int] | dict[str | int, str] | None = None
+    files: dict[Literal["train", "validation", "val", "test"], str | None] | None = None
+    text_template: str | None = None
+    max_input_tokens: int | None = Field(default=None, ge=1)
+    truncation: Literal["head", "tail", "head+tail"] = "head"
+    split: SplitSettings | None = None
 
 
 class RunSettings(_Section):

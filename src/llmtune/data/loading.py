@@ -1,15 +1,22 @@
-"""Load labelled rows from a local file (or a Hub dataset id) and split them per class, stratified and seeded."""
+"""Read a dataset's rows as the data has them: one table (CSV/TSV/JSON(L)/parquet), a table per split
+(dataset.files), a `datasets` DatasetDict saved with save_to_disk, or a Hub dataset id (offline: from the HF cache).
 
-import random
-from collections import defaultdict
+Each row becomes {id, text, label (the label word), raw_label?, split?}; `split` is set where the data gives one
+(a split column, a file or DatasetDict split per part). llmtune.data.splits turns the rows into train/val/test.
+"""
+
+import string
+from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
 from omegaconf import DictConfig
 
+from llmtune.data.labels import label_map, label_words, word_of
 from llmtune.errors import UserError
 
 LOCAL_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+PART_NAMES = ("train", "validation", "test")
 
 
 def resource_path(name: str) -> str:
@@ -17,52 +24,135 @@ def resource_path(name: str) -> str:
     return str(files("llmtune").joinpath("resources", name))
 
 
-def load_rows(dataset_cfg: DictConfig, counts: dict | None = None) -> list[dict]:
-    """Rows as {id, text, label}; every problem with the file is reported as one UserError line. counts, when given,
-    gets rows_read and empty_text (rows skipped for having no text)."""
-    table = read_table(str(dataset_cfg.path), dataset_cfg)
-    text_col, label_col, id_col = dataset_cfg.text_column, dataset_cfg.label_column, dataset_cfg.id_column
-    missing = [c for c in (text_col, label_col, id_col) if c and c not in table.column_names]
-    if missing:
-        raise UserError(f"dataset file {dataset_cfg.path} has no column {', '.join(map(repr, missing))} "
-                        f"(it has {', '.join(table.column_names)}); set dataset.text_column / "
-                        "dataset.label_column / dataset.id_column")
-    if len(table) == 0:
-        raise UserError(f"dataset file {dataset_cfg.path} has no rows; point dataset.path at a non-empty file")
+@dataclass
+class Table:
+    """One table of rows; part is its split ("train", "validation", "test") where the data gives it per table."""
+    name: str  # the file or split, for messages
+    rows: object  # a datasets.Dataset
+    part: str | None = None
 
-    labels = list(dataset_cfg.labels)
-    rows = []
-    for index, record in enumerate(table):
-        text, label = record[text_col], str(record[label_col]).strip()
-        if label not in labels:
-            raise UserError(f"dataset row {index + 1} of {dataset_cfg.path} has label {label!r}, which is not in "
-                            f"dataset.labels {labels}; add it to dataset.labels or remove those rows")
-        if text is None or not str(text).strip():
-            continue
-        row_id = str(record[id_col]) if id_col else f"row-{index + 1}"
-        rows.append({"id": row_id, "text": str(text).strip(), "label": label})
+
+def read_source(dataset_cfg: DictConfig, path_key: str = "path") -> tuple[list[Table], str | None]:
+    """The dataset's tables and how its split is given ("files", "saved DatasetDict", "Hub dataset", "split column";
+    None: no split, the rows are one pool)."""
+    given_files = dataset_cfg.get("files")
+    split_cfg = dataset_cfg.get("split") or {}
+    if given_files:
+        tables = [Table(str(path), read_table(str(path), dataset_cfg), _part(name, "dataset.files"))
+                  for name, path in given_files.items() if path is not None]
+        return tables, "files"
+    path = str(dataset_cfg[path_key])
+    if Path(path).is_dir() and (Path(path) / "dataset_dict.json").is_file():
+        import datasets
+
+        return _named_parts(datasets.load_from_disk(path), split_cfg, path), "saved DatasetDict"
+    if Path(path).is_dir() or (Path(path).suffix.lower() not in LOCAL_FORMATS and not Path(path).exists()):
+        parts = _hub_dataset(path)  # a Hub id, or a folder of data files named by split (train.csv, test.csv)
+        if set(parts) == {"train"}:  # a dataset without named splits: one pool
+            return [Table(path, parts["train"])], None
+        return _named_parts(parts, split_cfg, path), "Hub dataset"
+    table = Table(path, read_table(path, dataset_cfg))
+    return [table], ("split column" if split_cfg.get("column") else None)
+
+
+def split_of(record: dict, split_cfg: DictConfig, table: Table, index: int) -> str | None:
+    """The row's part: its table's, or the value of the split column mapped through dataset.split.names."""
+    if table.part or not split_cfg.get("column"):
+        return table.part
+    value = str(record[split_cfg.column]).strip() if record[split_cfg.column] is not None else ""
+    names = _split_names(split_cfg)
+    if value not in names:
+        raise UserError(f"row {index + 1} of {table.name} has {split_cfg.column}={value!r}, which is none of "
+                        f"{', '.join(names)}; map it with dataset.split.names (e.g. dataset.split.names.validation="
+                        f"{value or 'dev'}) or fix the row")
+    return names[value]
+
+
+def check_columns(table: Table, columns: dict[str, str | None], hint: str) -> None:
+    """Every named column must be in the table: one line naming the missing ones and the table's columns."""
+    have = table.rows.column_names
+    missing = [f"{key}={name!r}" for key, name in columns.items() if name and name not in have]
+    if missing:
+        raise UserError(f"{table.name} has no column for {', '.join(missing)} (it has {', '.join(have)}); {hint}")
+    if len(table.rows) == 0:
+        raise UserError(f"{table.name} has no rows; point dataset.path (or dataset.files) at non-empty data")
+
+
+def text_fields(dataset_cfg: DictConfig) -> tuple[str, list[str]]:
+    """(template, the columns it reads): dataset.text_template over any columns, or the one text_column."""
+    template = dataset_cfg.get("text_template")
+    if not template:
+        return "{" + str(dataset_cfg.text_column) + "}", [str(dataset_cfg.text_column)]
+    try:
+        fields = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+    except ValueError as error:
+        raise UserError(f"dataset.text_template={template!r} is not a valid template ({error}); write columns as "
+                        "{column} and a literal brace as {{ or }}") from None
+    if not fields or any(not field or "." in field or "[" in field for field in fields):
+        raise UserError(f"dataset.text_template={template!r} must name columns as {{column}}, e.g. "
+                        "'{title} — {description}'")
+    return template, list(dict.fromkeys(fields))
+
+
+def render_text(record: dict, template: str, fields: list[str]) -> str:
+    """The row's text from the template; empty when every field it reads is empty."""
+    values = {field: "" if record[field] is None else str(record[field]).strip() for field in fields}
+    if not any(values.values()):
+        return ""
+    return template.format_map(values).strip()
+
+
+def load_rows(dataset_cfg: DictConfig, counts: dict | None = None) -> tuple[list[dict], str | None]:
+    """Labelled rows {id, text, label (word), raw_label, split} and how the split is given (see read_source); every
+    problem with the data is one UserError line. counts, when given, gets rows_read and empty_text (rows skipped for
+    having no text)."""
+    template, fields = text_fields(dataset_cfg)
+    words, mapping = label_words(dataset_cfg), label_map(dataset_cfg)
+    split_cfg = dataset_cfg.get("split") or {}
+    tables, given_by = read_source(dataset_cfg)
+    rows, read = [], 0
+    for table in tables:
+        text_keys = ({f"dataset.text_template's {{{field}}}": field for field in fields}
+                     if dataset_cfg.get("text_template") else {"dataset.text_column": fields[0]})
+        check_columns(table, {**text_keys,
+                              "dataset.label_column": dataset_cfg.label_column,
+                              "dataset.id_column": dataset_cfg.id_column,
+                              "dataset.split.column": None if table.part else split_cfg.get("column")},
+                      "set dataset.text_column (or text_template) / label_column / id_column / split.column")
+        for index, record in enumerate(table.rows):
+            raw = record[dataset_cfg.label_column]
+            word = word_of(raw, mapping) if raw is not None else None
+            if word is None or word not in words:
+                known = f"the keys of dataset.labels {list(mapping)}" if mapping else f"dataset.labels {words}"
+                raise UserError(f"row {index + 1} of {table.name} has label {raw!r}, which is not in {known}; add "
+                                "it to dataset.labels or remove those rows")
+            part = split_of(record, split_cfg, table, index)
+            text = render_text(record, template, fields)
+            if not text:
+                continue
+            row_id = str(record[dataset_cfg.id_column]) if dataset_cfg.id_column else _row_id(table, index, len(tables))
+            rows.append({"id": row_id, "text": text, "label": word, "raw_label": word_of(raw, None),
+                         **({"split": part} if part else {})})
+        read += len(table.rows)
     if counts is not None:
-        counts.update(rows_read=len(table), empty_text=len(table) - len(rows))
+        counts.update(rows_read=read, empty_text=read - len(rows))
     if not rows:
-        raise UserError(f"dataset file {dataset_cfg.path} has no row with text in column {text_col!r}")
-    return rows
+        raise UserError(f"{dataset_cfg.get('path')} has no row with text in {', '.join(fields)}")
+    return rows, given_by
 
 
 def read_table(path: str, dataset_cfg: DictConfig):
-    """A local CSV/TSV/JSON(L)/parquet file (or a Hub dataset id) as a datasets.Dataset; dataset_cfg gives the CSV
-    encoding and column names."""
+    """A local CSV/TSV/JSON(L)/parquet file as a datasets.Dataset; dataset_cfg gives the CSV encoding and column
+    names."""
     import datasets
 
     datasets.disable_progress_bars()
     builder = LOCAL_FORMATS.get(Path(path).suffix.lower())
-    if builder is None:  # not a file name: a Hub dataset id, usable only when online or cached
-        try:
-            return datasets.load_dataset(path, split="train")
-        except Exception as error:  # datasets raises many types here; the message is what the user needs
-            raise UserError(f"dataset.path={path} is neither a local .csv/.jsonl/.parquet file nor a loadable Hub "
-                            f"dataset ({type(error).__name__}); give a local file path") from None
+    if builder is None:
+        raise UserError(f"{path} is not a .csv, .tsv, .json, .jsonl or .parquet file; convert it, or give a saved "
+                        "DatasetDict folder or a Hub dataset id as dataset.path")
     if not Path(path).is_file():
-        raise UserError(f"dataset file not found: {path}; set dataset.path to an existing file")
+        raise UserError(f"dataset file not found: {path}; set dataset.path (or dataset.files) to an existing file")
     options = {}
     if builder == "csv":
         options = {"encoding": dataset_cfg.encoding, "sep": "\t" if path.endswith(".tsv") else ","}
@@ -77,48 +167,42 @@ def read_table(path: str, dataset_cfg: DictConfig):
                         "check the file format and dataset.encoding") from None
 
 
-def drop_duplicates(rows: list[dict], answer_key: str, counts: dict) -> list[dict]:
-    """The first row of each text (case and spacing ignored), so no text can land in two splits; counts gets
-    duplicates_removed and conflicting_answers (texts that came with more than one label or answer)."""
-    first: dict[str, dict] = {}
-    conflicting = set()
-    for row in rows:
-        key = " ".join(row["text"].lower().split())
-        if key in first and first[key][answer_key] != row[answer_key]:
-            conflicting.add(key)
-        first.setdefault(key, row)
-    counts.update(duplicates_removed=len(rows) - len(first), conflicting_answers=len(conflicting))
-    return list(first.values())
+def _hub_dataset(name: str) -> dict:
+    """Every split of a Hub dataset (usable only when online or in the HF cache) or of a local folder of data files
+named by split."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        return dict(datasets.load_dataset(name))
+    except Exception as error:  # datasets raises many types here; the message is what the user needs
+        raise UserError(f"dataset.path={name} is neither a local .csv/.jsonl/.parquet file, a saved DatasetDict "
+                        f"folder, nor a loadable Hub dataset ({type(error).__name__}); give a local path") from None
 
 
-def split_per_class(rows: list[dict], labels: list[str], split_cfg: DictConfig, seed: int) -> dict[str, list[dict]]:
-    """Per label: shuffle (seeded), take test_per_class, then train_per_class, then up to val_per_class of the rest.
+def _named_parts(parts, split_cfg: DictConfig, source: str) -> list[Table]:
+    """The DatasetDict's splits named in dataset.split.names (other splits, e.g. IMDB's "unsupervised", are left
+    out)."""
+    names = _split_names(split_cfg)
+    tables = [Table(f"{source} [{name}]", parts[name], part) for name, part in names.items() if name in parts]
+    if not any(t.part == "train" for t in tables) or not any(t.part == "test" for t in tables):
+        raise UserError(f"{source} has the splits {', '.join(parts)} but needs a train and a test split; name them "
+                        "with dataset.split.names (e.g. dataset.split.names.test=validation)")
+    return tables
 
-    Test is drawn first so changing the training budget never changes the test set.
-    A per-class count of null means "all remaining rows of that class".
-    """
-    by_label = defaultdict(list)
-    for row in rows:
-        by_label[row["label"]].append(row)
-    rng = random.Random(seed)
-    splits = {"train": [], "val": [], "test": []}
-    for label in labels:
-        pool = by_label[label]
-        rng.shuffle(pool)
-        test_n, train_n = split_cfg.test_per_class, split_cfg.train_per_class
-        needed = (test_n or 0) + (train_n or 0)
-        if len(pool) < needed or not pool:
-            raise UserError(f"label {label!r} has {len(pool)} rows but the split asks for {needed} "
-                            f"(test_per_class + train_per_class); lower dataset.split.* or use a larger file")
-        test_n = len(pool) if test_n is None else test_n
-        splits["test"] += pool[:test_n]
-        train_end = len(pool) if train_n is None else test_n + train_n
-        splits["train"] += pool[test_n:train_end]
-        val_n = split_cfg.val_per_class or 0
-        splits["val"] += pool[train_end:train_end + val_n]
-    for name in splits:  # interleave the labels; the training loader shuffles again each epoch
-        rng.shuffle(splits[name])
-    if not splits["train"] or not splits["test"]:
-        raise UserError("the split left no training or no test rows; raise dataset.split.train_per_class / "
-                        "test_per_class")
-    return splits
+
+def _split_names(split_cfg: DictConfig) -> dict[str, str]:
+    """{the data's name for a part: part}, from dataset.split.names {part: the data's name}."""
+    names = split_cfg.get("names") or {part: part for part in PART_NAMES}
+    return {str(theirs): _part(part, "dataset.split.names") for part, theirs in names.items() if theirs is not None}
+
+
+def _part(name: str, key: str) -> str:
+    part = {"val": "validation", "dev": "validation"}.get(str(name), str(name))
+    if part not in PART_NAMES:
+        raise UserError(f"{key} has a part {name!r}; the parts are train, validation and test")
+    return part
+
+
+def _row_id(table: Table, index: int, tables: int) -> str:
+    return f"row-{index + 1}" if tables == 1 else f"{table.part}-{index + 1}"

@@ -59,6 +59,11 @@ def classification_metrics(predictions: list[str], references: list[str], labels
     macro_p, macro_r, macro_f1, _ = precision_recall_fscore_support(
         references, predictions, labels=labels, average="macro", zero_division=0
     )
+    # Weighted by each label's support: on imbalanced data it follows accuracy, where macro treats a rare class as
+    # much as a common one; both are reported.
+    _, _, weighted_f1, _ = precision_recall_fscore_support(
+        references, predictions, labels=labels, average="weighted", zero_division=0
+    )
     prec, rec, f1, support = precision_recall_fscore_support(
         references, predictions, labels=labels, average=None, zero_division=0
     )
@@ -85,6 +90,7 @@ def classification_metrics(predictions: list[str], references: list[str], labels
         "macro_precision": float(macro_p),
         "macro_recall": float(macro_r),
         "macro_f1": float(macro_f1),
+        "weighted_f1": float(weighted_f1),
         "per_label": per_label,
         "confusion_matrix": {"labels": labels, "matrix": [[int(x) for x in row] for row in matrix]},
     }

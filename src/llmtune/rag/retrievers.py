@@ -6,6 +6,7 @@ setting changes the key, so a stale index is never reused.
 
 import hashlib
 import json
+import re
 import shutil
 import tempfile
 from collections import defaultdict
@@ -22,9 +23,12 @@ from llmtune.errors import UserError
 from llmtune.rag.documents import content_hash
 
 # Lower-cased words of 2+ letters without bm25s's English stopwords; no stemmer, so no model or extra package.
+# Chinese, Japanese and Korean text has no spaces between words: each run of those scripts is indexed as its
+# overlapping character pairs (as Lucene's CJK analyzer does), so a Japanese query matches on shared pairs.
 # The BM25 parameters are the usual Lucene ones. The bm25s version is part of the key because it owns the file format.
-BM25_SETTINGS = {"lower": True, "stopwords": "en", "k1": 1.5, "b": 0.75, "method": "lucene",
+BM25_SETTINGS = {"lower": True, "stopwords": "en", "k1": 1.5, "b": 0.75, "method": "lucene", "cjk": "bigrams",
                  "bm25s": bm25s.__version__}
+CJK_RUN = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff66-\uff9f\uac00-\ud7af]+")
 # Below this many texts an index builds in seconds and a progress bar is noise.
 PROGRESS_FROM = 300
 # Queries scored together: the score block is QUERY_BLOCK x len(texts) float32, e.g. 256 x 100,000 x 4 B = 100 MB.
@@ -58,7 +62,7 @@ class BM25Retriever(Retriever):
             self.model = bm25s.BM25.load(folder, load_vocab=True, show_progress=False)
             return
         show_progress = len(texts) >= PROGRESS_FROM
-        tokens = bm25s.tokenize(texts, lower=BM25_SETTINGS["lower"], stopwords=BM25_SETTINGS["stopwords"],
+        tokens = bm25s.tokenize(_spaced(texts), lower=BM25_SETTINGS["lower"], stopwords=BM25_SETTINGS["stopwords"],
                                 show_progress=show_progress)
         self.model = bm25s.BM25(k1=BM25_SETTINGS["k1"], b=BM25_SETTINGS["b"], method=BM25_SETTINGS["method"])
         self.model.index(tokens, show_progress=show_progress)
@@ -66,13 +70,21 @@ class BM25Retriever(Retriever):
             self.model.save(staging, show_progress=False)
 
     def scores(self, queries: list[str]) -> np.ndarray:
-        query_tokens = bm25s.tokenize(queries, lower=BM25_SETTINGS["lower"], stopwords=BM25_SETTINGS["stopwords"],
+        query_tokens = bm25s.tokenize(_spaced(queries), lower=BM25_SETTINGS["lower"], stopwords=BM25_SETTINGS["stopwords"],
                                       return_ids=False, show_progress=False)
         # A query of stopwords only has no tokens, and bm25s's get_scores needs at least one.
         scores = np.stack([self.model.get_scores(tokens) if tokens else np.zeros(self.model.scores["num_docs"])
                            for tokens in query_tokens])
         # BM25 is 0 for a text sharing no word with the query: no match, not a weak one.
         return np.where(scores > 0, scores, -np.inf)
+
+
+def _spaced(texts: list[str]) -> list[str]:
+    """Texts with every CJK run written as its overlapping character pairs, space-separated ("議会で" -> "議会 会で")."""
+    def pairs(match: re.Match) -> str:
+        run = match.group()
+        return " " + " ".join(run[i:i + 2] for i in range(max(len(run) - 1, 1))) + " "
+    return [CJK_RUN.sub(pairs, text) for text in texts]
 
 
 class DenseRetriever(Retriever):

@@ -12,6 +12,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from llmtune.data.prompts import PromptFormat
+from llmtune.data.truncation import truncate_texts
 
 
 class Task(ABC):
@@ -51,6 +52,20 @@ class Task(ABC):
     def retriever(self, retriever_cfg: DictConfig, train: list[dict], cache_dir: str | Path
                   ) -> tuple[Callable, dict]:
         """rag=true: (add(rows, exclude_own=False), settings); add gives each row `context` and `retrieved`."""
+
+    def limit_input_length(self, splits: dict[str, list[dict]], tokenizer) -> None:
+        """dataset.max_input_tokens: every row's text cut to that many of the model's tokens (dataset.truncation
+        says which part is kept); data_counts gets how many rows of each part were cut."""
+        cap, side = self.dataset.get("max_input_tokens"), self.dataset.get("truncation", "head")
+        if tokenizer is None:  # a method without a tokenizer (e.g. a majority baseline) reads no tokens
+            return
+        cut = {}
+        for name, rows in splits.items():
+            texts, cut[name] = truncate_texts([row["text"] for row in rows], tokenizer, cap, side)
+            for row, text in zip(rows, texts):
+                row["text"] = text
+        if cap is not None:
+            self.data_counts["truncated"] = {"max_input_tokens": cap, "side": side, **cut}
 
     def add_context(self, splits: dict[str, list[dict]], retriever_cfg: DictConfig, cache_dir: str | Path) -> dict:
         """rag=true: retrieved context in every row of every split (a training row never retrieves itself)."""

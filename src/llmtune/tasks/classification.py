@@ -4,7 +4,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from llmtune.data.loading import drop_duplicates, load_rows, split_per_class
+from llmtune.data.labels import label_words
+from llmtune.data.loading import load_rows
+from llmtune.data.splits import make_splits
 from llmtune.data.prompts import PromptFormat
 from llmtune.evaluation.metrics import classification_metrics
 from llmtune.evaluation.scoring import classify
@@ -16,18 +18,19 @@ from llmtune.tasks.base import Task
 class Classification(Task):
     name = "classification"
     headline = "accuracy"
-    report_metrics = ("accuracy", "macro_f1", "macro_precision", "macro_recall")
+    report_metrics = ("accuracy", "macro_f1", "weighted_f1", "macro_precision", "macro_recall")
     answer_ends_with_eos = False  # a label is scored, never generated
 
     @property
     def labels(self) -> list[str]:
-        return list(self.dataset.labels)
+        """The label words (dataset.labels, or the words it maps raw values to)."""
+        return label_words(self.dataset)
 
     def load_splits(self, seed: int) -> dict[str, list[dict]]:
-        rows = load_rows(self.dataset, self.data_counts)
-        if self.dataset.duplicates == "drop":  # the same text in train and test would flatter the test score
-            rows = drop_duplicates(rows, "label", self.data_counts)
-        return split_per_class(rows, self.labels, self.dataset.split, seed)
+        rows, given_by = load_rows(self.dataset, self.data_counts)
+        # duplicates=drop: the same text in train and test would flatter the test score
+        return make_splits(rows, self.dataset.split, seed, self.labels, "label", self.dataset.duplicates == "drop",
+                           self.data_counts, given_by)
 
     def target(self, row: dict) -> str:
         return row["label"]

@@ -2,9 +2,9 @@
 
 from omegaconf import DictConfig
 
-from llmtune.data.loading import drop_duplicates
 from llmtune.data.prompts import PromptFormat
-from llmtune.data.qa import load_qa_rows, split_rows
+from llmtune.data.qa import load_qa_rows
+from llmtune.data.splits import make_splits
 from llmtune.evaluation.generation import answer_questions, qa_metrics
 from llmtune.rag.context import document_retriever, recall_at_k
 from llmtune import run_outputs
@@ -18,10 +18,10 @@ class QuestionAnswering(Task):
     answer_ends_with_eos = True  # a generated answer must learn to stop
 
     def load_splits(self, seed: int) -> dict[str, list[dict]]:
-        rows = load_qa_rows(self.dataset, self.data_counts)
-        if self.dataset.duplicates == "drop":  # the same question in train and test would flatter the test score
-            rows = drop_duplicates(rows, "answer", self.data_counts)
-        return split_rows(rows, self.dataset.split, seed)
+        rows, given_by = load_qa_rows(self.dataset, self.data_counts)
+        # duplicates=drop: the same question in train and test would flatter the test score
+        return make_splits(rows, self.dataset.split, seed, None, "answer", self.dataset.duplicates == "drop",
+                           self.data_counts, given_by)
 
     def target(self, row: dict) -> str:
         return row["answer"]
