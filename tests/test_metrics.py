@@ -274,3 +274,15 @@ def test_text_generation_metrics_identical() -> None:
     assert m["bleu"] == pytest.approx(100.0)
     assert m["rouge1"] == m["rouge2"] == m["rougeL"] == pytest.approx(1.0)
     assert m["ngram_similarity"] == pytest.approx(1.0)
+
+
+def test_japanese_answers_are_compared_character_by_character_not_as_one_word():
+    """Without spaces a Japanese sentence is one "word" to whitespace tokenisers, so a near-miss would score 0."""
+    from llmtune.evaluation.metrics import text_generation_metrics
+
+    close = text_generation_metrics(["試用期間は3か月です。"], ["試用期間は3ヶ月です。"])
+    unrelated = text_generation_metrics(["会議は金曜日に開かれます。"], ["試用期間は3ヶ月です。"])
+    assert close["rougeL"] == pytest.approx(0.9) and unrelated["rougeL"] < 0.3
+    assert close["bleu"] > 50 > unrelated["bleu"] and close["ngram_similarity"] > unrelated["ngram_similarity"]
+    english = text_generation_metrics(["Probation lasts three months."], ["Probation lasts 3 months."])
+    assert english["rougeL"] == pytest.approx(0.75)     # English keeps rouge-score's own words and stems

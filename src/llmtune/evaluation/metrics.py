@@ -25,6 +25,30 @@ __all__ = [
 ]
 
 _WORD_RE = re.compile(r"\w+")
+# Chinese, Japanese and Korean scripts write no spaces between words: their text is compared character by character
+# (the usual choice for ROUGE and BLEU on those languages when no word segmenter is installed).
+_CJK_RE = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff66-\uff9f\uac00-\ud7af]")
+
+
+def has_cjk(texts: list[str]) -> bool:
+    return any(_CJK_RE.search(text) for text in texts)
+
+
+class _CjkAwareTokenizer:
+    """rouge-score's tokenizer (lower-cased words, Porter stems) with each CJK character a token of its own."""
+
+    def __init__(self):
+        from rouge_score.tokenizers import DefaultTokenizer
+
+        self.words = DefaultTokenizer(use_stemmer=True)
+
+    def tokenize(self, text: str) -> list[str]:
+        if not _CJK_RE.search(text):
+            return self.words.tokenize(text)
+        tokens = []
+        for piece in _CJK_RE.sub(lambda match: f" {match.group()} ", text).split():
+            tokens += [piece] if _CJK_RE.fullmatch(piece) else self.words.tokenize(piece)
+        return tokens
 
 
 def _check_pairs(predictions: list[str], references: list[str]) -> None:
@@ -97,16 +121,17 @@ def classification_metrics(predictions: list[str], references: list[str], labels
 
 
 def bleu(predictions: list[str], references: list[str]) -> float:
-    """Corpus BLEU (sacrebleu defaults: 13a tokenisation, exp smoothing), 0-100."""
+    """Corpus BLEU (sacrebleu defaults: 13a tokenisation, exp smoothing; character tokens for CJK text), 0-100."""
     _check_pairs(predictions, references)
-    return float(sacrebleu.corpus_bleu(predictions, [references]).score)
+    tokenize = "char" if has_cjk(references) else "13a"
+    return float(sacrebleu.corpus_bleu(predictions, [references], tokenize=tokenize).score)
 
 
 def rouge(predictions: list[str], references: list[str]) -> dict:
     """Mean ROUGE-1/2/L F-measures (0-1) over prediction/reference pairs."""
     _check_pairs(predictions, references)
     keys = ("rouge1", "rouge2", "rougeL")
-    scorer = rouge_scorer.RougeScorer(list(keys), use_stemmer=True)
+    scorer = rouge_scorer.RougeScorer(list(keys), tokenizer=_CjkAwareTokenizer())
     totals = dict.fromkeys(keys, 0.0)
     for pred, ref in zip(predictions, references):
         # rouge-score's signature is score(target, prediction).
@@ -117,7 +142,7 @@ def rouge(predictions: list[str], references: list[str]) -> dict:
 
 
 def _ngrams(text: str, n: int) -> set[tuple[str, ...]]:
-    tokens = _WORD_RE.findall(text.lower())
+    tokens = _WORD_RE.findall(_CJK_RE.sub(lambda match: f" {match.group()} ", text.lower()))
     return {tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)}
 
 
@@ -128,8 +153,8 @@ def ngram_similarity(predictions: list[str], references: list[str], n: int = 2) 
         J(P, R) = |P ∩ R| / |P ∪ R|
     with J = 1.0 when both sets are empty (two equally "empty" texts agree)
     and J = 0.0 when exactly one is empty.  The result is the arithmetic mean
-    of J over all pairs.  Tokens are lowercased ``\\w+`` matches, so
-    punctuation and whitespace differences are ignored.
+    of J over all pairs.  Tokens are lowercased ``\\w+`` matches (each CJK
+    character a token), so punctuation and whitespace differences are ignored.
     """
     _check_pairs(predictions, references)
     if n < 1:
