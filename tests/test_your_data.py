@@ -223,10 +223,10 @@ def test_a_run_config_written_before_labels_could_be_a_mapping_still_loads():
 
 def test_the_japanese_example_set_runs_end_to_end_with_bm25_demonstrations(tmp_path, cache_dir):
     """No whitespace between words, label codes scored as multi-token Japanese words, a headline+lead template:
-    BM25 over character pairs still finds demonstrations of the row's own topic far above chance (1 in 5)."""
+    BM25 over character pairs still finds demonstrations of the row's own topic at least twice as often as chance (1 in 5)."""
     run_dir = tmp_path / "ja"
     result = run_llmtune(["model=tiny", "dataset=news_topics_ja", "rag=true", "retriever=bm25", "retriever.k=3",
-                          "trainer.max_epochs=1", "dataset.split.train_per_class=20",
+                          "dataset.max_input_tokens=150", "trainer.max_epochs=1", "dataset.split.train_per_class=20",
                           "dataset.split.test_per_class=8", "dataset.split.val_per_class=0",
                           f"hydra.run.dir={run_dir}"], cache_dir)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -234,8 +234,31 @@ def test_the_japanese_example_set_runs_end_to_end_with_bm25_demonstrations(tmp_p
     words = {"経済", "スポーツ", "テクノロジー", "政治", "文化"}
     assert len(predictions) == 40 and {p["gold"] for p in predictions} == words
     assert {p["predicted"] for p in predictions} <= words
-    assert all("\n" in p["text"] for p in predictions)            # the headline and the lead, from two columns
+    import csv
+
+    from llmtune.data.loading import resource_path
+
+    with open(resource_path("news_topics_ja.csv"), encoding="utf-8") as handle:
+        source = {row["id"]: row for row in csv.DictReader(handle)}
+    # The headline and the lead, from two columns, cut to 150 tokens keeping both ends.
+    assert all(p["text"].startswith(source[p["id"]]["title"][:4]) and p["text"].endswith(source[p["id"]]["body"][-4:])
+               for p in predictions)
+    assert any(" … " in p["text"] for p in predictions)
     hits = [hit["label"] == p["gold"] for p in predictions for hit in p["retrieved"]]
-    assert len(hits) == 120 and sum(hits) / len(hits) > 0.5
+    assert len(hits) > 100 and sum(hits) / len(hits) > 0.4     # twice chance; up to k=3 each
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["data"]["class_counts"]["test"] == {word: 8 for word in words}
+    assert metrics["data"]["truncated"]["test"] > 0
+
+    # predict reads the same two columns, cuts the same way and retrieves the same demonstrations: the run's labels.
+    test_ids = [p["id"] for p in predictions]
+    write_rows(tmp_path / "new.csv", [{k: source[i][k] for k in ("id", "title", "body")} for i in test_ids])
+    out = tmp_path / "predicted.csv"
+    result = run_llmtune(["predict", str(run_dir), f"input={tmp_path / 'new.csv'}", "output=csv", f"out={out}"],
+                         cache_dir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    with open(out, encoding="utf-8") as handle:
+        predicted = {row["id"]: row for row in csv.DictReader(handle)}
+    assert {i: predicted[i]["label"] for i in test_ids} == {p["id"]: p["predicted"] for p in predictions}
+    codes = {"経済": "0", "スポーツ": "1", "テクノロジー": "2", "政治": "3", "文化": "4"}
+    assert all(row["raw_label"] == codes[row["label"]] for row in predicted.values())

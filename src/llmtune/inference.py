@@ -2,7 +2,8 @@
 
 The model is the run's adapter on its base (`adapter/`), the fully fine-tuned `model/`, or an exported folder or GGUF
 file (`llmtune export`). `llmtune predict`, `llmtune serve` and the export's parity check all go through here, so
-they classify exactly as the run's own evaluation did.
+they classify exactly as the run's own evaluation did. The run's Method says how its model loads, what it reads (a
+prompt, or for a classification head the raw text) and how it scores the labels.
 """
 
 from collections.abc import Callable
@@ -14,12 +15,13 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmtune.data.prompts import PROMPT_FILE, PromptFormat
+from llmtune.data.truncation import truncate_texts
 from llmtune.errors import UserError
-from llmtune.methods import method_of
+from llmtune.methods import Method, method_of
 from llmtune.tasks import Task, task_of
 from llmtune.trust import check_run_is_trusted
 from llmtune.evaluation.generation import answer_questions
-from llmtune.evaluation.scoring import label_choice, label_log_likelihoods
+from llmtune.evaluation.scoring import label_choice
 
 
 
@@ -31,19 +33,30 @@ class LoadedRun:
     model: object
     prompt_format: PromptFormat
     labels: list[str] | None  # None for Q&A runs
+    method: Method  # how the model reads a text and scores the labels
     # rag=true: the run's retriever, adding `context` (and `retrieved`) to rows {"text": ...}; None for rag=false
     add_context: Callable[[list[dict]], None] | None = None
 
     def prompts(self, texts: list[str], prompt_format: PromptFormat | None = None) -> list[str]:
         """Each text's prompt as the run built it: with rag=true, what the run's retriever finds goes in too."""
-        rows = [{"text": text} for text in texts]
+        rows = [{"text": text} for text in self.cut(texts)]
         if self.add_context is not None:
             self.add_context(rows)
-        return [(prompt_format or self.prompt_format).prompt(r["text"], r.get("context", "")) for r in rows]
+        return self.method.model_inputs(rows, prompt_format or self.prompt_format)
+
+    def cut(self, texts: list[str]) -> list[str]:
+        """The texts cut as the run cut its rows (dataset.max_input_tokens), before retrieval and the prompt."""
+        return truncate_texts(texts, self.tokenizer, self.cfg.dataset.get("max_input_tokens"),
+                              self.cfg.dataset.get("truncation", "head"))[0]
 
     @property
     def name(self) -> str:
         return self.run_dir.name
+
+    @property
+    def generates(self) -> bool:
+        """Whether the model continues text (a language model), or only classifies (a classification head)."""
+        return self.method.generates
 
     def classify(self, texts: list[str], batch_size: int | None = None, desc: str = "classifying") -> list[dict]:
         """[{label, confidence, scores}] per text: label scoring, the softmax over the labels as confidence."""
@@ -55,11 +68,10 @@ class LoadedRun:
     def classify_prompts(self, prompts: list[str], batch_size: int | None = None, desc: str = "classifying"
                          ) -> list[dict]:
         """classify() for prompts already built with prompts() (e.g. checked for length first)."""
-        answers = [self.prompt_format.answer(label) for label in self.labels]
-        loglik = label_log_likelihoods(self.model, self.tokenizer, prompts, answers,
-                                       batch_size or self.cfg.eval.batch_size, desc)
+        probs = self.method.label_probabilities(self.model, self.tokenizer, prompts, self.labels, self.prompt_format,
+                                                batch_size or self.cfg.eval.batch_size, desc)
         records = []
-        for p in torch.softmax(loglik, dim=1):
+        for p in probs:
             label, scores = label_choice(self.labels, p)
             records.append({"label": label, "confidence": round(float(p.max()), 5), "scores": scores})
         return records
@@ -67,7 +79,7 @@ class LoadedRun:
     def answer(self, texts: list[str], batch_size: int | None = None, desc: str = "answering") -> list[dict]:
         """[{answer (, sources)}] per question, generated as the run's evaluation generates (greedy by default, the
         first line kept); rag=true runs also name the chunks the answer was given."""
-        rows = [{"id": i, "text": text, "answer": "", "tokens": []} for i, text in enumerate(texts)]
+        rows = [{"id": i, "text": text, "answer": "", "tokens": []} for i, text in enumerate(self.cut(texts))]
         if self.add_context is not None:
             self.add_context(rows)
         predictions = answer_questions(self.model, self.tokenizer, rows, self.prompt_format,
@@ -81,6 +93,9 @@ class LoadedRun:
                  stop: list[str] | None = None) -> dict:
         """Continue one prompt: {text, finish_reason (stop|length), prompt_tokens, completion_tokens}.
         temperature 0 is greedy decoding (reproducible)."""
+        if not self.generates:
+            raise UserError(f"{self.run_dir} is a method={self.method.name} run: its model classifies and does not "
+                            "generate text; classify with it, or use a run of an LM method")
         self.model.eval()
         inputs = self.tokenizer(prompt, return_tensors="pt")
         sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
@@ -131,26 +146,28 @@ def load_run(run_dir: str | Path, model_path: str | Path | None = None, dtype: s
     cfg = run_config(run_dir)
     check_run_is_trusted(cfg, run_dir, trust_remote_code)  # the folder may come from someone else
     task, method = task_of(cfg, trust_remote_code), method_of(cfg, trust_remote_code)
-    if not method.prompted:
-        raise UserError(f"{run_dir} is a method={cfg.method.name} run (a classification head, no prompt): predict, "
-                        "serve and export take LM-method runs (instruct, causal, qlora, zeroshot, fewshot)")
-    torch_dtype = getattr(torch, dtype or cfg.model.dtype)
-    if model_path is not None:
-        tokenizer, model = _load_exported(Path(model_path), torch_dtype)
-    else:
-        tokenizer, model = _load_own_weights(run_dir, cfg, method.trains, torch_dtype, dequantize, trust_remote_code)
+    torch_dtype = getattr(torch, dtype or method.run_dtype(cfg.model))
+    tokenizer, model = method.load_finished(run_dir, cfg, task.labels, Path(model_path) if model_path else None,
+                                            torch_dtype, dequantize, trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    labels = task.labels
-    add_context = _run_retriever(cfg, task) if cfg.get("rag") else None
-    return LoadedRun(run_dir, cfg, tokenizer, model.eval(), prompt_format_of(run_dir, cfg, tokenizer), labels,
-                     add_context)
+    add_context = _run_retriever(cfg, task) if cfg.get("rag") else None  # config checks refuse rag for a head
+    return LoadedRun(run_dir, cfg, tokenizer, model.eval(), prompt_format_of(run_dir, cfg, tokenizer), task.labels,
+                     method, add_context)
 
 
 def _run_retriever(cfg: DictConfig, task: Task) -> Callable[[list[dict]], None]:
     """The run's retriever, rebuilt from its config (the index comes from the cache when unchanged) over the run's own
     training split, drawn again with its seed."""
     return task.retriever(cfg.retriever, task.load_splits(cfg.seed)["train"], cfg.paths.cache_dir)[0]
+
+
+def load_language_model(run_dir: Path, cfg: DictConfig, trained: bool, model_path: Path | None,
+                        torch_dtype: torch.dtype, dequantize: bool = False, trusted: bool = False):
+    """A language-model run's (tokenizer, model): an exported folder or GGUF file, or the run's own weights."""
+    if model_path is not None:
+        return _load_exported(model_path, torch_dtype)
+    return _load_own_weights(run_dir, cfg, trained, torch_dtype, dequantize, trusted)
 
 
 def _load_own_weights(run_dir: Path, cfg: DictConfig, trained: bool, torch_dtype: torch.dtype, dequantize: bool,

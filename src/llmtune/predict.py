@@ -3,7 +3,10 @@
 Reads a CSV (a `text` column, or the run's dataset.text_column) or JSONL (objects with that key, or bare strings),
 classifies every row with the run's model (its adapter, or an exported folder/GGUF with model=PATH) and writes one
 record per row: jsonl/csv give the label, its confidence and every label's probability; json gives the structured
-form {"<label_name>": label, "confidence": p, "reasoning": "..."}, checked against a JSON schema. A Q&A run reads
+form {"<label_name>": label, "confidence": p, "reasoning": "..."}, checked against a JSON schema. Where
+dataset.labels maps raw values to words ({0: negative, ...}), each record also carries the word's raw value
+(`raw_label`; for json beside the structured object). A classification-head run (method=classifier) predicts with its
+head, as its evaluation did. A Q&A run reads
 questions (dataset.question_column) and writes each generated answer, with the retrieved sources for rag=true. Bad
 rows are reported with their line numbers and skipped, never silently.
 """
@@ -21,6 +24,8 @@ from typing import Literal
 import jsonschema
 
 from llmtune.cli import option, parse, positional
+from llmtune.data.labels import label_map, raw_label_of
+from llmtune.data.loading import render_text, text_fields
 from llmtune.errors import UserError
 from llmtune.files import same_file, write_atomic
 
@@ -63,12 +68,12 @@ def main(argv: list[str]) -> None:
         raise UserError(f"{run_dir} is a Q&A run: output=json is the structured form of a classification; use "
                         "output=jsonl or output=csv for its answers")
     dataset = loaded.cfg.dataset
-    column = options["text_column"] or dataset.get("question_column" if qa else "text_column") or "text"
+    column = text_source(dataset, options["text_column"], qa)
     rows, bad = parse_rows(text, source, column)
     _report_bad_rows(bad, source)
     if not rows:
-        raise UserError(f"{source} has no usable rows (0 of {len(bad)}): each row needs a non-empty '{column}'; set "
-                        "text_column=NAME if the text is in another column")
+        raise UserError(f"{source} has no usable rows (0 of {len(bad)}): each row needs a non-empty "
+                        f"'{column.name}'; set text_column=NAME if the text is in another column")
 
     started = time.perf_counter()
     texts, batch_size = [r["text"] for r in rows], options["batch_size"] or None
@@ -76,8 +81,8 @@ def main(argv: list[str]) -> None:
         records = [{**_kept(row), "text": row["text"], **answer}
                    for row, answer in zip(rows, loaded.answer(texts, batch_size, desc="answering"))]
     else:
-        label_name = dataset.get("label_name") or "label"
-        records = [_record(row, p, options["output"], label_name)
+        label_name, mapping = dataset.get("label_name") or "label", label_map(dataset)
+        records = [_record(row, p, options["output"], label_name, mapping)
                    for row, p in zip(rows, loaded.classify(texts, batch_size, desc="predicting"))]
     seconds = time.perf_counter() - started
     summary = f"predicted {len(records)} rows in {seconds:.1f} s ({len(records) / seconds:.1f} rows/s)"
@@ -128,16 +133,44 @@ def _read_input(name: str) -> tuple[Path, str]:
         raise UserError(f"input={name} is not UTF-8 text (byte {error.start}): re-save it as UTF-8") from None
 
 
-def parse_rows(text: str, source: Path, column: str) -> tuple[list[dict], list[tuple[int, str]]]:
+@dataclass(frozen=True)
+class TextSource:
+    """Where an input row's text is: one column, or the run's dataset.text_template over several."""
+    fields: tuple[str, ...]
+    template: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.template or self.fields[0]
+
+    def read(self, record: dict):
+        if self.template is None:
+            return record.get(self.fields[0])
+        if not all(field in record for field in self.fields):
+            return None
+        return render_text(record, self.template, list(self.fields))
+
+
+def text_source(dataset, text_column: str | None, qa: bool) -> TextSource:
+    """text_column=NAME, else the run's text_template (its rows were built from several columns), else its
+    dataset.text_column (question_column for Q&A)."""
+    if text_column is None and not qa and dataset.get("text_template"):
+        template, fields = text_fields(dataset)
+        return TextSource(tuple(fields), template)
+    return TextSource((text_column or dataset.get("question_column" if qa else "text_column") or "text",))
+
+
+def parse_rows(text: str, source: Path, column: "str | TextSource") -> tuple[list[dict], list[tuple[int, str]]]:
     """Rows {line, text (, id)} and bad rows (line number, why). JSONL when the file says so by its name or its
     first character, else CSV with a header."""
+    column = TextSource((column,)) if isinstance(column, str) else column
     first = text.lstrip()[:1]
     if source.suffix in (".jsonl", ".json") or (source.suffix != ".csv" and first in ("{", '"')):
         return _jsonl_rows(text, column)
     return _csv_rows(text, column)
 
 
-def _jsonl_rows(text: str, column: str):
+def _jsonl_rows(text: str, column: TextSource):
     rows, bad = [], []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -149,18 +182,20 @@ def _jsonl_rows(text: str, column: str):
             continue
         if isinstance(value, str):  # a bare string per line
             _keep(rows, bad, number, value, None)
-        elif isinstance(value, dict) and isinstance(value.get(column), str):
-            _keep(rows, bad, number, value[column], value.get("id"))
+        elif isinstance(value, dict) and isinstance(column.read(value), str):
+            _keep(rows, bad, number, column.read(value), value.get("id"))
         else:
-            bad.append((number, f"neither a string nor an object with a string '{column}' field"))
+            bad.append((number, f"neither a string nor an object with a string {_quoted(column.fields)} field"))
     return rows, bad
 
 
-def _csv_rows(text: str, column: str):
+def _csv_rows(text: str, column: TextSource):
     reader = csv.DictReader(io.StringIO(text))
-    if reader.fieldnames is None or column not in reader.fieldnames:
-        raise UserError(f"the CSV header has no '{column}' column (it has {reader.fieldnames or 'none'}): set "
-                        "text_column=NAME")
+    missing = [field for field in column.fields if field not in (reader.fieldnames or [])]
+    if missing:
+        uses = f"the run's text template {column.template!r} reads" if column.template else "set text_column=NAME"
+        raise UserError(f"the CSV header has no {_quoted(missing)} column (it has "
+                        f"{reader.fieldnames or 'none'}): {uses}" + (" them" if column.template else ""))
     rows, bad = [], []
     for record in reader:
         number = reader.line_num  # the file's line where this record ends (a quoted text may span lines)
@@ -168,8 +203,12 @@ def _csv_rows(text: str, column: str):
             bad.append((number, f"{len(reader.fieldnames) + len(record[None])} fields, the header has "
                                 f"{len(reader.fieldnames)}"))
             continue
-        _keep(rows, bad, number, record[column], record.get("id"))
+        _keep(rows, bad, number, column.read(record), record.get("id"))
     return rows, bad
+
+
+def _quoted(names) -> str:
+    return ", ".join(f"'{name}'" for name in names)
 
 
 def _keep(rows: list, bad: list, number: int, text: str | None, row_id) -> None:
@@ -204,23 +243,27 @@ def _kept(row: dict) -> dict:
     return {k: row[k] for k in ("line", "id") if k in row}
 
 
-def _record(row: dict, prediction: dict, output: str, label_name: str) -> dict:
+def _record(row: dict, prediction: dict, output: str, label_name: str, mapping: dict[str, str] | None = None
+            ) -> dict:
+    """One output record for a classified row; mapping (dataset.labels {raw value: word}) adds the raw value."""
     keep = _kept(row)
+    raw = {"raw_label": raw_label_of(prediction["label"], mapping)} if mapping is not None else {}
     if output == "json":
         # Label scoring reads no free-text explanation from the model (generating one would cost ~0.4 s per token
         # here); the reasoning states what the decision rests on: the label probabilities.
         ranked = sorted(prediction["scores"].items(), key=lambda kv: -kv[1])
         reasoning = "label probabilities: " + ", ".join(f"{label} {p:.2f}" for label, p in ranked)
         return {**keep, "output": {label_name: prediction["label"], "confidence": prediction["confidence"],
-                                   "reasoning": reasoning}}
-    return {**keep, "text": row["text"], "label": prediction["label"], "confidence": prediction["confidence"],
+                                   "reasoning": reasoning}, **raw}
+    return {**keep, "text": row["text"], "label": prediction["label"], **raw, "confidence": prediction["confidence"],
             "scores": prediction["scores"]}
 
 
 def _to_csv(records: list[dict]) -> str:
     """One row per record; a classification's label probabilities as p_<label> columns, a Q&A's sources joined."""
     scores = list(records[0].get("scores", {}))
-    fields = ["line", "id", "text", *(["label", "confidence"] if scores else ["answer"])]
+    label = ["label", "raw_label", "confidence"] if "raw_label" in records[0] else ["label", "confidence"]
+    fields = ["line", "id", "text", *(label if scores else ["answer"])]
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(fields + [f"p_{label}" for label in scores] + (["sources"] if "sources" in records[0] else []))

@@ -16,6 +16,9 @@ Routes (the model id is the run's folder name; a request naming another model ge
                                 a rag=true run retrieves context for that text as the run did
     POST /v1/completions        {"prompt": str, ...}: the raw continuation of the prompt as given
 
+A classification-head run (method=classifier) classifies the raw text with its head, as its evaluation did; it
+generates no text, so its chat and completion routes answer 400 (code "model_does_not_generate").
+
 Generation: temperature defaults to 0 (greedy, reproducible, as the run's evaluation decodes; up to 2 samples),
 max_tokens defaults to the server's max_new_tokens and may not exceed it, stop is a string or up to 4 strings (chat
 also stops at the end of the prompt format's answer turn). Stop strings cut the text after generation, so
@@ -68,7 +71,8 @@ MAX_CLASSIFY_INPUTS = 256
 MAX_STOP_STRINGS = 4  # as OpenAI's API
 MAX_BATCH_TEXTS = 256  # texts per micro-batched scoring call: one full request, or many small ones
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
-ROUTES = ["GET  /v1/models", "POST /v1/classify", "POST /v1/chat/completions", "POST /v1/completions"]
+ROUTES = ["GET  /v1/models", "POST /v1/classify"]
+GENERATION_ROUTES = ["POST /v1/chat/completions", "POST /v1/completions"]  # a model that generates text only
 
 
 class ApiError(Exception):
@@ -343,6 +347,9 @@ def create_app(loaded: "LoadedRun", max_body_bytes: int = 65536, max_new_tokens:
 
     def generation_options(request: GenerationRequest) -> tuple[int, list[str]]:
         check_model(request.model)
+        if not loaded.generates:
+            raise ApiError(400, f"'{loaded.name}' is a method={loaded.method.name} run: its model classifies and does "
+                                "not generate text; use POST /v1/classify", "model_does_not_generate")
         if request.stream:
             raise ApiError(400, "streaming is not supported: send stream=false (or leave it out)", "unsupported")
         if request.n != 1:
@@ -501,7 +508,7 @@ def main(argv: list[str]) -> None:
                      batch_window_ms=options["batch_window_ms"])
     url_host = f"[{host}]" if ":" in host else host
     print(f"llmtune serve: {loaded.name} at http://{url_host}:{port}")
-    for route in ROUTES:
+    for route in ROUTES + (GENERATION_ROUTES if loaded.generates else []):
         print(f"  {route}")
     if host not in LOOPBACK:
         print(f"llmtune serve: warning: listening on {host} with no authentication: anyone who can reach this port "

@@ -83,7 +83,9 @@ def make_splits(rows: list[dict], split_cfg: DictConfig, seed: int, labels: list
 def _from_pool(rows: list[dict], split_cfg: DictConfig, seed: int, labels: list[str] | None) -> dict:
     rng = random.Random(seed)
     pools = _pools(rows, labels, rng)
-    splits = {name: _take(pools, split_cfg, name, rng, exact=True) for name in ("test", "train", "val")}
+    # Validation is what is left, up to its budget (none when it has none).
+    splits = {name: _take(pools, split_cfg, name, rng, exact=name != "val", none_means_all=name != "val")
+              for name in ("test", "train", "val")}
     if labels is not None:  # interleave the classes; the test order must not depend on the other budgets
         rng.shuffle(splits["train"])
         rng.shuffle(splits["val"])
@@ -117,7 +119,7 @@ def _from_given(rows: list[dict], split_cfg: DictConfig, seed: int, labels: list
     if kept["validation"]:
         val = _take(_pools(kept["validation"], labels, rng), split_cfg, "val", rng, exact=False)
     else:  # carved out of train first, so a different training budget never changes validation
-        val = _take(train_pools, split_cfg, "val", rng, exact=True)
+        val = _take(train_pools, split_cfg, "val", rng, exact=False, none_means_all=False)
         counts["split_mode"] = f"{mode}, validation carved from train"
     train = _take(train_pools, split_cfg, "train", rng, exact=False)
     for part in (train, val):
@@ -148,16 +150,16 @@ def _pools(rows: list[dict], labels: list[str] | None, rng: random.Random) -> di
 
 
 def _take(pools: dict, split_cfg: DictConfig, part: str, rng: random.Random, exact: bool,
-          per_class: bool = True) -> list[dict]:
+          per_class: bool = True, none_means_all: bool = True) -> list[dict]:
     """Remove and return one part's rows from the pools: split.<part>_rows in proportion to the classes, else
-    split.<part>_per_class from each class, else (both null) every row left. exact: a budget larger than the pool is
-    an error (one pool); otherwise it is a cap (a given split may be smaller)."""
+    split.<part>_per_class from each class, else (both null) every row left, or none where not none_means_all.
+    exact: a budget larger than the pool is an error; otherwise it is a cap (a given split may be smaller)."""
     total = split_cfg.get(f"{part}_rows")
     if total is None:  # Q&A configs before 0.2 named it split.<part>
         total = split_cfg.get(part)
     each = split_cfg.get(f"{part}_per_class") if per_class else None
     if total is None and each is None:
-        if part == "val" and exact:  # carving validation needs a size: none asked, none carved
+        if not none_means_all:
             return []
         return [row for label in pools for row in _pop(pools, label, len(pools[label]))]
     if total is not None:

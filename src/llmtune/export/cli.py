@@ -1,6 +1,7 @@
 """`llmtune export RUN_DIR format=merged|gguf|ollama [quant=f16|q8_0] ...`: ship a run, then prove the export.
 
-    merged  -> RUN_DIR/export/merged/          sharded safetensors + tokenizer (plain transformers loads it)
+    merged  -> RUN_DIR/export/merged/          sharded safetensors + tokenizer (plain transformers loads it; a
+                                               method=classifier run: AutoModelForSequenceClassification)
     gguf    -> RUN_DIR/export/gguf/<run>-<quant>.gguf   (llama.cpp; tokenizer embedded)
     ollama  -> RUN_DIR/export/ollama/          the GGUF + a Modelfile (`ollama create NAME -f Modelfile`)
 
@@ -9,7 +10,8 @@ llmtune did not write (its marker file, .llmtune-output, says which).
 
 After writing, the export re-predicts the run's test rows (GGUF through transformers' gguf_file= loader) and fails
 below min_agreement with the run's predictions.jsonl (default 0.99; 0.97 for q8_0; Q&A runs: 0.8 mean ROUGE-L of
-the answers against the run's own).
+the answers against the run's own). A classification also reports the largest difference in any label's probability.
+A method=classifier run (a classification head, not a language model) exports format=merged only.
 """
 
 import tempfile
@@ -62,6 +64,7 @@ def main(argv: list[str]) -> None:
     from llmtune.export.merged import export_merged
     from llmtune.export.parity import check_parity
     from llmtune.inference import run_config
+    from llmtune.methods import method_of
     from llmtune.models.sources import model_source
     from llmtune.tasks import task_of
     from llmtune.trust import check_run_is_trusted
@@ -70,6 +73,10 @@ def main(argv: list[str]) -> None:
     trusted = options["trust_remote_code"]
     check_run_is_trusted(cfg, run_dir, trusted)
     fmt = options["format"]
+    formats = method_of(cfg, trusted).export_formats
+    if fmt not in formats:
+        raise UserError(f"{run_dir} is a method={cfg.method.name} run: only format={' or format='.join(formats)} "
+                        f"applies to it, not format={fmt}; run llmtune export RUN_DIR format={formats[0]}")
     quant = options["quant"] or DEFAULT_QUANT.get(fmt)
     if fmt != "merged":
         from llmtune.export.gguf_writer import OUTTYPES, write_gguf
@@ -110,7 +117,12 @@ def main(argv: list[str]) -> None:
         parity = check_parity(run_dir, model_path, threshold, trusted)
         console.print(f"parity on {parity['rows']} test rows: agreement {parity['agreement']:.1%} "
                       f"(min {threshold:.0%}), {parity['metric']} {parity['export_score']:.3f} vs run "
-                      f"{parity['run_score']:.3f} (delta {parity['delta']:+.3f}), {parity['seconds']} s")
+                      f"{parity['run_score']:.3f} (delta {parity['delta']:+.3f})"
+                      f"{_probability_note(parity.get('max_prob_diff'))}, {parity['seconds']} s")
+
+
+def _probability_note(max_prob_diff: float | None) -> str:
+    return "" if max_prob_diff is None else f", max label probability difference {max_prob_diff:.5f}"
 
 
 def _write_modelfile(run_dir: Path, cfg, merged: Path, out: Path, gguf_name: str) -> None:

@@ -20,8 +20,9 @@ def run_predictions(run_dir: Path) -> list[dict]:
 def check_parity(run_dir: Path, model_path: Path, min_agreement: float, trust_remote_code: bool = False) -> dict:
     """Agreement of the exported model with the run's own test predictions (the share of equal labels; Q&A: the
     mean ROUGE-L of each answer against the run's) and the change in the run's headline metric (accuracy; Q&A:
-    ROUGE-L against the references), written beside it (a folder's parity.json, or <file>.parity.json); below min_agreement it raises (the files stay, for
-    inspection)."""
+    ROUGE-L against the references), and for a classification the largest change in any label's probability
+    (max_prob_diff), written beside it (a folder's parity.json, or <file>.parity.json); below min_agreement it raises
+    (the files stay, for inspection)."""
     rows = run_predictions(run_dir)
     started = time.perf_counter()
     exported = load_run(run_dir, model_path, trust_remote_code=trust_remote_code)
@@ -29,10 +30,13 @@ def check_parity(run_dir: Path, model_path: Path, min_agreement: float, trust_re
     qa = exported.labels is None
     if qa:  # greedy answers, so an unchanged model repeats them word for word
         predicted, metric = [a["answer"] for a in exported.answer(texts, desc=desc)], "rougeL"
+        probabilities = {}
         def score(answers):
             return text_generation_metrics(answers, [r["gold"] for r in rows])["rougeL"]
     else:
-        predicted, metric = [p["label"] for p in exported.classify(texts, desc=desc)], "accuracy"
+        classified = exported.classify(texts, desc=desc)
+        predicted, metric = [p["label"] for p in classified], "accuracy"
+        probabilities = {"max_prob_diff": max_probability_difference(classified, rows)}
         def score(labels):
             return sum(label == r["gold"] for label, r in zip(labels, rows)) / len(rows)
     identical = sum(p == r["predicted"] for p, r in zip(predicted, rows))
@@ -44,6 +48,7 @@ def check_parity(run_dir: Path, model_path: Path, min_agreement: float, trust_re
     parity = {"model": str(model_path), "rows": len(rows), "agreement": round(agreement, 4),
               "identical": identical, "metric": metric, "run_score": round(run_score, 4),
               "export_score": round(export_score, 4), "delta": round(export_score - run_score, 4),
+              **probabilities,
               "min_agreement": min_agreement, "passed": agreement >= min_agreement,
               "seconds": round(time.perf_counter() - started, 1)}
     report = (model_path / "parity.json" if model_path.is_dir()
@@ -55,3 +60,12 @@ def check_parity(run_dir: Path, model_path: Path, min_agreement: float, trust_re
                         f"are kept for inspection (details in {report}): export at higher precision, or lower "
                         "min_agreement")
     return parity
+
+
+def max_probability_difference(classified: list[dict], rows: list[dict]) -> float | None:
+    """The largest difference between the export's and the run's probability of any label on any row (None for a
+    run whose predictions.jsonl has no probabilities)."""
+    if not all("scores" in r for r in rows):
+        return None
+    return round(max(abs(p["scores"][label] - r["scores"][label]) for p, r in zip(classified, rows)
+                     for label in r["scores"]), 5)

@@ -7,10 +7,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from llmtune.data.prompts import PromptFormat
+from llmtune.evaluation.scoring import label_log_likelihoods
 from llmtune.files import atomic_folder
 from llmtune.tasks import Task
 from llmtune.training.module import FineTuner
@@ -19,6 +21,8 @@ from llmtune.training.module import FineTuner
 class Method(ABC):
     trains = False  # False: a prompting baseline, scored as it is
     prompted = True  # the model reads a prompt (False: a classification head reads the raw text)
+    generates = True  # a finished run's model continues text (serve's chat and completion routes)
+    export_formats = ("merged", "gguf", "ollama")  # what `llmtune export` writes for a run of this method
 
     def __init__(self, name: str, **settings):
         self.name = name
@@ -54,6 +58,29 @@ class Method(ABC):
     def describe(self, model_cfg: DictConfig) -> dict:
         """The method's part of metrics.json's `run`."""
         return {"trained": self.trains, "lora": None}
+
+    # A finished run, loaded again to predict, serve or export (llmtune.inference.LoadedRun delegates here).
+
+    def run_dtype(self, model_cfg: DictConfig) -> str:
+        """The dtype the run's model was scored in: what predict loads it in unless told otherwise."""
+        return model_cfg.dtype
+
+    def load_finished(self, run_dir: Path, cfg: DictConfig, labels: list[str] | None, model_path: Path | None,
+                      torch_dtype, dequantize: bool = False, trusted: bool = False) -> tuple:
+        """(tokenizer, model) to predict with: model_path (an export), else what save() wrote, on the base model."""
+        from llmtune.inference import load_language_model
+
+        return load_language_model(run_dir, cfg, self.trains, model_path, torch_dtype, dequantize, trusted)
+
+    def model_inputs(self, rows: list[dict], prompt_format: PromptFormat) -> list[str]:
+        """What the model reads for rows {text, context?}: each row's prompt."""
+        return [prompt_format.prompt(r["text"], r.get("context", "")) for r in rows]
+
+    def label_probabilities(self, model, tokenizer, inputs: list[str], labels: list[str],
+                            prompt_format: PromptFormat, batch_size: int, desc: str) -> torch.Tensor:
+        """[len(inputs), len(labels)]: the softmax over the labels' log-likelihoods after each prompt."""
+        answers = [prompt_format.answer(label) for label in labels]
+        return torch.softmax(label_log_likelihoods(model, tokenizer, inputs, answers, batch_size, desc), dim=1)
 
 
 class TrainedMethod(Method):

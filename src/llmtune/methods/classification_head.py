@@ -4,12 +4,15 @@ The head reads the raw text (no prompt) and gives one logit per label. Predictio
 (evaluation.scoring.classify), so metrics, predictions files and reports are shared with the LM methods.
 """
 
+import json
+from contextlib import contextmanager
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -18,33 +21,58 @@ from llmtune.errors import UserError
 from llmtune.evaluation.batches import length_sorted_batches
 from llmtune.evaluation.scoring import labelled_predictions
 from llmtune.methods.base import TrainedMethod, print_trainable
+from llmtune.models.loader import prepare_model_dir
 from llmtune.models.lora import lora_settings
 
 
 def load_classifier(model_cfg: DictConfig, method_cfg: DictConfig, labels: list[str], model_dir: str):
     """Tokenizer and model with a new len(labels)-way head: LoRA on the body and the head trained fully (PEFT's
     SEQ_CLS task keeps the head in modules_to_save), or with method.full_finetune every weight trained."""
+    tokenizer, model = load_sequence_classifier(model_dir, labels, getattr(torch, head_dtype(model_cfg, method_cfg)),
+                                                bool(model_cfg.trust_remote_code), f"model '{model_cfg.name}'")
+    if not method_cfg.full_finetune:
+        model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", **lora_settings(model_cfg, method_cfg)))
+    print_trainable(model)
+    return tokenizer, model
+
+
+def head_dtype(model_cfg: DictConfig, method_cfg: DictConfig) -> str:
+    """The dtype the head model trains and is scored in."""
     # Full fine-tuning steps every weight with AdamW; in bf16 most of those small steps would round away.
-    dtype = torch.float32 if method_cfg.full_finetune else getattr(torch, model_cfg.dtype)
-    trust_remote_code = bool(model_cfg.trust_remote_code)
+    return "float32" if method_cfg.full_finetune else model_cfg.dtype
+
+
+def load_sequence_classifier(model_dir: str | Path, labels: list[str], dtype: torch.dtype,
+                             trust_remote_code: bool = False, what: str = "the model"):
+    """Tokenizer and AutoModelForSequenceClassification from model_dir with a len(labels)-way head named by the
+    labels: a new head on a bare body, or a saved classifier's own head (its labels must be these)."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
         model = AutoModelForSequenceClassification.from_pretrained(
             model_dir, num_labels=len(labels), id2label=dict(enumerate(labels)),
             label2id={label: i for i, label in enumerate(labels)}, dtype=dtype, use_safetensors=True,
             trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as error:  # missing files, .bin-only weights, no classification class, ...
+    except (OSError, ValueError, RuntimeError) as error:  # missing files, .bin only, no classification class, size
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"could not load model '{model_cfg.name}' as a classifier from {model_dir}: "
-                        f"{first_line[:300]}") from None
+        raise UserError(f"could not load {what} as a classifier from {model_dir}: {first_line[:300]}") from None
     if tokenizer.pad_token is None:  # causal LMs often have none
         tokenizer.pad_token = tokenizer.eos_token
     # A causal LM's head reads each row's last non-padding token, found by this id (encoders read [CLS]).
     model.config.pad_token_id = tokenizer.pad_token_id
-    if not method_cfg.full_finetune:
-        model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", **lora_settings(model_cfg, method_cfg)))
-    print_trainable(model)
     return tokenizer, model
+
+
+def load_saved_classifier(folder: Path, labels: list[str], dtype: torch.dtype):
+    """A classifier saved whole (a full fine-tuning run's model/, or a merged export): head included, and its labels
+    must be the run's."""
+    if not (folder / "config.json").is_file():
+        raise UserError(f"{folder} is not a saved classifier (no config.json): pass the folder `llmtune export RUN "
+                        "format=merged` wrote, or a run that finished")
+    saved = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("id2label") or {}
+    saved_labels = [saved[key] for key in sorted(saved, key=int)]
+    if saved_labels != labels:
+        raise UserError(f"{folder} classifies into {saved_labels}, the run into {labels}: pass this run's own export")
+    return load_sequence_classifier(folder, labels, dtype, what=str(folder))
 
 
 def _token_ids(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
@@ -79,23 +107,32 @@ def head_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return F.cross_entropy(logits.float(), batch["labels"])
 
 
-@torch.no_grad()
 def classify_with_head(model, tokenizer, rows: list[dict], labels: list[str], batch_size: int, max_length: int,
                        desc: str = "scoring") -> list[dict]:
     """Predictions for rows, as classify gives them: {id, text, gold, predicted, scores (softmax over labels)}."""
+    probs = head_probabilities(model, tokenizer, [r["text"] for r in rows], batch_size, max_length, desc)
+    return labelled_predictions(rows, labels, probs)
+
+
+@torch.no_grad()
+def head_probabilities(model, tokenizer, texts: list[str], batch_size: int, max_length: int,
+                       desc: str = "scoring") -> torch.Tensor:
+    """[len(texts), number of labels]: the softmax of the head's logits for each text, cut at max_length tokens."""
     model.eval()
-    ids = _token_ids(tokenizer, [r["text"] for r in rows], max_length)
-    probs = torch.full((len(rows), len(labels)), float("nan"))
+    ids = _token_ids(tokenizer, texts, max_length)
+    probs = torch.full((len(texts), model.config.num_labels), float("nan"))
     for batch in length_sorted_batches([len(row_ids) for row_ids in ids], batch_size, desc):
         inputs = tokenizer.pad({"input_ids": [ids[i] for i in batch]}, return_tensors="pt").to(model.device)
         probs[batch] = torch.softmax(model(**inputs).logits.float(), dim=-1).cpu()
-    return labelled_predictions(rows, labels, probs)
+    return probs
 
 
 class ClassificationHead(TrainedMethod):
     """A new len(labels)-way head; it has no untuned answer, so a run's base column stays empty."""
 
     prompted = False
+    generates = False  # a head gives one logit per label: no text to continue
+    export_formats = ("merged",)  # GGUF and Ollama carry language models
 
     def __init__(self, name: str, max_length: int, lora: DictConfig, optimizer: DictConfig, scheduler: DictConfig,
                  full_finetune: bool = False):
@@ -119,3 +156,42 @@ class ClassificationHead(TrainedMethod):
         return classifier_loaders(encode(splits["train"]), encode(splits["val"]), trainer_cfg, self.tokenizer, seed)
 
     loss = staticmethod(head_loss)
+
+    def run_dtype(self, model_cfg) -> str:
+        return head_dtype(model_cfg, self.settings)
+
+    def load_finished(self, run_dir, cfg, labels, model_path, torch_dtype, dequantize=False, trusted=False):
+        """model_path (a merged export), the fully fine-tuned model/, or the base with a head for the labels and the
+        adapter (LoRA and the trained head) on it."""
+        if model_path is not None:
+            return load_saved_classifier(Path(model_path), labels, torch_dtype)
+        saved = run_dir / ("model" if self.full_finetune else "adapter")
+        if not saved.is_dir():
+            raise UserError(f"{run_dir} has no {saved.name}/ (the run did not finish?): check "
+                            f"{run_dir / 'status.json'} and pick a completed run")
+        if self.full_finetune:
+            return load_saved_classifier(saved, labels, torch_dtype)
+        with _quiet_load_report():  # it would call the head "newly initialized": the adapter brings the trained one
+            tokenizer, model = load_sequence_classifier(prepare_model_dir(cfg.model, cfg.paths.cache_dir, trusted),
+                                                        labels, torch_dtype, bool(cfg.model.trust_remote_code),
+                                                        f"model '{cfg.model.name}'")
+        return tokenizer, PeftModel.from_pretrained(model, saved)
+
+    def model_inputs(self, rows, prompt_format) -> list[str]:
+        return [r["text"] for r in rows]  # the raw text, as trained: no prompt, no context
+
+    def label_probabilities(self, model, tokenizer, inputs, labels, prompt_format, batch_size, desc):
+        return head_probabilities(model, tokenizer, inputs, batch_size, self.max_length, desc)
+
+
+@contextmanager
+def _quiet_load_report():
+    """transformers' warnings (its load report among them) off while the block runs."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
