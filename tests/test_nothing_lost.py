@@ -281,3 +281,18 @@ def test_a_full_disk_keeps_the_old_checkpoint_whole_and_still_marks_the_run_fail
     run_state.write_status(tmp_path, "failed", "t0", "no space left")
     assert json.loads((tmp_path / "status.json").read_text())["status"] == "failed"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "status.json"]  # no partial files
+
+
+def test_atomic_outputs_get_the_usual_permissions_not_the_temp_files_private_ones(tmp_path):
+    """mkstemp/mkdtemp create 0600/0700: an export or metrics file others could not read (umask 022 here)."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        write_atomic(tmp_path / "metrics.json", "{}\n")
+        with atomic_folder(tmp_path / "export") as staging:
+            (staging / "config.json").write_text("{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "metrics.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "export").stat().st_mode & 0o777 == 0o755

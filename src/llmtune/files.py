@@ -34,6 +34,7 @@ def write_atomic_with(path: str | Path, write: Callable[[Path], None]) -> None:
         raise UserError(f"{path} is a folder: give a file name to write to")
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.fchmod(handle, 0o666 & ~_umask())  # mkstemp's 0600 would hide outputs from everyone else
     os.close(handle)
     partial = Path(name)
     try:
@@ -77,6 +78,7 @@ def atomic_folder(folder: str | Path, overwrite: bool = False, what: str = "") -
     check_output_folder(folder, overwrite)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=folder.parent))
+    staging.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would make an export unreadable to other users
     try:
         yield staging
         (staging / OUTPUT_MARKER).write_text(json.dumps(
@@ -88,6 +90,13 @@ def atomic_folder(folder: str | Path, overwrite: bool = False, what: str = "") -
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it, so set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _replace_folder(staging: Path, folder: Path) -> None:
