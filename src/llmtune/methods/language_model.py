@@ -35,6 +35,10 @@ class LanguageModelTuning(TrainedMethod):
         self.model = model if self.full_finetune else add_lora(model, model_cfg, self.settings)
         print_trainable(self.model)
 
+    def run_dtype(self, model_cfg) -> str:
+        """float32 for full fine-tuning (see build): predict loads model/ as the run scored it."""
+        return "float32" if self.full_finetune else model_cfg.dtype
+
     def base_predictions(self, task, rows, zero_shot, eval_cfg):
         with nullcontext() if self.full_finetune else self.model.disable_adapter():  # LoRA attached, switched off
             return super().base_predictions(task, rows, zero_shot, eval_cfg)
