@@ -67,7 +67,7 @@ def write(path: Path, text: str) -> Path:
 
 @pytest.mark.parametrize("case,args,expected", [
     ("missing file", ["dataset=financial_phrasebank", "dataset.path=nowhere/data.csv"], "dataset file not found"),
-    ("no text column", ["dataset=financial_phrasebank", "dataset.path={wrong_columns}"], "has no column 'text'"),
+    ("no text column", ["dataset=financial_phrasebank", "dataset.path={wrong_columns}"], "has no column for dataset.text_column='text'"),
     ("empty dataset", ["dataset=financial_phrasebank", "dataset.path={empty}"], "has no rows"),
     ("unknown label", ["dataset=financial_phrasebank", "dataset.path={bullish}"], "label 'bullish', which is not"),
     ("model not available offline", ["model=gemma2b", "model.source.hub_id=acme/no-such-model"],

@@ -229,7 +229,10 @@ def test_repeated_texts_are_dropped_before_splitting_and_counted(tmp_path):
     splits = task.load_splits(seed=1)
     seen = [" ".join(r["text"].lower().split()) for rows in splits.values() for r in rows]
     assert len(seen) == len(set(seen)) == 60  # every text once, in one split
-    assert task.data_counts == {"rows_read": 122, "empty_text": 1, "duplicates_removed": 61, "conflicting_answers": 1}
+    counts = {key: task.data_counts[key] for key in ("rows_read", "empty_text", "duplicates_removed",
+                                                     "conflicting_answers", "overlap_with_test")}
+    assert counts == {"rows_read": 122, "empty_text": 1, "duplicates_removed": 61, "conflicting_answers": 1,
+                      "overlap_with_test": {}}
     with open_dict(cfg):
         cfg.dataset.duplicates = "keep"
     kept = Classification(cfg.dataset)

@@ -15,7 +15,7 @@ import hydra
 import yaml
 from omegaconf import DictConfig
 
-from llmtune.config import CONFIG_DIR, check_overrides, register_resolvers
+from llmtune.config import CONFIG_DIR, check_overrides, check_values, register_resolvers
 from llmtune.console import quiet_libraries
 from llmtune.errors import UserError, report_user_errors
 
@@ -83,6 +83,7 @@ def main() -> None:
     report_user_errors(check_unknown_command)(first)
     argv = report_user_errors(resumed_overrides)(argv)
     report_user_errors(check_overrides)(argv)
+    report_user_errors(check_values)(argv)
     sys.argv = [sys.argv[0], *argv]
     train()
     # Filled only by a multirun, where a failed job does not stop the grid.

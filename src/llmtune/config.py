@@ -5,6 +5,7 @@ import inspect
 import itertools
 import os
 import secrets
+from contextlib import contextmanager
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -59,7 +60,7 @@ def build_components(cfg: DictConfig):
     used = {key: given for key, given in COMPONENTS.items() if key != "retriever" or cfg.rag is True}
     problems = schema_problems(cfg)
     problems += [problem for key, given in used.items() for problem in signature_problems(cfg[key], key, given)]
-    problems += trainer_problems(cfg.trainer)
+    problems += trainer_problems(cfg.trainer, build=not any(p.startswith("trainer.") for p in problems))
     if not any(p.startswith(("task", "method")) for p in problems):
         task = instantiate_component(cfg.task, dataset=cfg.dataset)
         method = instantiate_component(cfg.method, _recursive_=False)
@@ -69,15 +70,49 @@ def build_components(cfg: DictConfig):
     return task, method
 
 
-def trainer_problems(trainer_cfg: DictConfig) -> list[str]:
-    """trainer/ keys are Lightning Trainer arguments, except the few llmtune's loaders read (training.setup)."""
+def trainer_problems(trainer_cfg: DictConfig, build: bool = True) -> list[str]:
+    """trainer/ keys are Lightning Trainer arguments, except the few llmtune's loaders read (training.setup). With
+    build (the values have their types), a Trainer is made from them once, with no model and writing nothing, so a
+    value only Lightning knows to refuse (trainer.precision=banana, trainer.devices=abc, an accelerator this machine
+    lacks) is one line now, not a traceback once the model has loaded and the base model was scored."""
     import lightning as L
 
     from llmtune.training.setup import LOADER_KEYS
 
     accepted = [*inspect.signature(L.Trainer.__init__).parameters, *LOADER_KEYS]
-    return [f"trainer.{key} is not a setting of lightning's Trainer or llmtune's loaders"
-            f"{_did_you_mean(key, accepted, 'trainer.')}" for key in trainer_cfg if key not in accepted]
+    problems = [f"trainer.{key} is not a setting of lightning's Trainer or llmtune's loaders"
+                f"{_did_you_mean(key, accepted, 'trainer.')}" for key in trainer_cfg if key not in accepted]
+    if problems or not build:
+        return problems
+    settings = {k: v for k, v in OmegaConf.to_container(trainer_cfg, resolve=True).items() if k not in LOADER_KEYS}
+    try:
+        with _quiet_lightning():
+            L.Trainer(**{**settings, "logger": False, "enable_checkpointing": False, "enable_progress_bar": False})
+    except Exception as error:  # ValueError, TypeError, MisconfigurationException: Lightning's own wording
+        shown = ", ".join(f"trainer.{key}={settings[key]}" for key in ("accelerator", "devices", "precision")
+                          if key in settings)
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        problems.append(f"lightning's Trainer refuses the trainer settings ({shown}): {reason}")
+    return problems
+
+
+@contextmanager
+def _quiet_lightning():
+    """The check's Trainer is not the run's: none of its notices ("GPU available: ...") or warnings are shown."""
+    import logging
+    import warnings
+
+    loggers = [logging.getLogger(name) for name in ("lightning", "lightning.pytorch", "lightning.fabric")]
+    levels = [logger.level for logger in loggers]
+    try:
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def instantiate_component(node: DictConfig, **kwargs):
@@ -164,12 +199,7 @@ def check_overrides(args: list[str]) -> None:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.object_type import ObjectType
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    try:
-        parsed = OverridesParser.create().parse_overrides([a for a in args if "=" in a and not a.startswith("-")])
-    except Exception:
-        return  # a syntax error: Hydra reports it with the position of the problem
+    parsed = parse_overrides(args)
     for folder in user_config_dirs():
         if not folder.is_dir():
             raise UserError(f"{CONFIG_PATH_ENV} names {folder}, which is not a folder")
@@ -211,6 +241,55 @@ def check_overrides(args: list[str]) -> None:
         if leaf not in siblings:  # keys(), unlike `in`, also lists keys whose value is still ??? (required)
             hint = _did_you_mean(leaf, siblings, prefix=f"{parent}." if parent else "")
             raise UserError(f"unknown config key '{key}'{hint}; to add a new key on purpose use +{key}=...")
+
+
+def parse_overrides(args: list[str]) -> list:
+    """The command line's key=value words as Hydra parses them; one that Hydra's grammar cannot read is one line
+    naming it (Hydra's own message spans four lines and exits 1)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    parser = OverridesParser.create()
+    parsed = []
+    for arg in (a for a in args if "=" in a and not a.startswith("-")):
+        try:
+            parsed += parser.parse_overrides([arg])
+        except OverrideParseException as error:
+            key = arg.split("=", 1)[0]
+            raise UserError(f"cannot read the override {arg!r} ({str(error).splitlines()[0]}): a value holding '=', "
+                            f"spaces or brackets needs quotes inside the argument, e.g. \"{key}='...'\"") from None
+    return parsed
+
+
+def check_values(args: list[str]) -> None:
+    """A single run's values against their types and ranges (schema.py), then the Trainer settings against Lightning,
+    on the config composed from the command line before Hydra starts the job: `seed=abc` or `rag=maybe` is one line
+    within a second or two, before the heavy imports, and no run folder is made for it. The job checks them again
+    with the components (build_components). Left to the job: a grid (-m), Hydra's flags (--cfg, ...), and anything
+    compose itself cannot take."""
+    flags = [arg for arg in args if arg.startswith("-")]
+    if any(flag not in ("--config-dir", "-cd") and not flag.startswith("--config-dir=") for flag in flags):
+        return
+    config_dir_values = {value for flag, value in itertools.pairwise(args) if flag in ("--config-dir", "-cd")}
+    overrides = [arg for arg in args if "=" in arg and not arg.startswith(("-", "hydra.", "hydra/"))
+                 and arg not in config_dir_values]
+    sweeps = [override.input_line for override in parse_overrides(overrides) if override.is_sweep_override()]
+    if sweeps:
+        raise UserError(f"{sweeps[0]} gives several values, which makes a grid of runs: add -m to run one job per "
+                        f"value, or quote a value that holds a comma, e.g. \"{sweeps[0].split('=', 1)[0]}='a,b'\"")
+    from hydra import compose, initialize_config_dir
+
+    from llmtune.schema import schema_problems
+
+    try:
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            cfg = compose(config_name="train", overrides=_search_path_overrides(args) + overrides)
+        # The Trainer's check imports Lightning, which the job imports next anyway.
+        problems = schema_problems(cfg) or trainer_problems(cfg.trainer)
+    except Exception:  # a syntax error, an interpolation only a job resolves: Hydra's turn, or the job's
+        return
+    if problems:
+        raise UserError("; ".join(problems))
 
 
 def _search_path_overrides(args: list[str]) -> list[str]:

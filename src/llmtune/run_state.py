@@ -16,6 +16,8 @@ from llmtune.files import write_atomic
 
 # Settings a resumed run may change: how long it trains. Anything else would mix two runs in one folder.
 RESUMABLE_CHANGES = ("trainer.max_epochs", "trainer.max_steps", "trainer.max_time")
+# What a run writes once it has done work (checkpoints aside): a folder holding none of them holds nothing to continue.
+WORK_PRODUCTS = ("base_predictions.jsonl", "adapter", "model", "predictions.jsonl", "metrics.json")
 
 
 def write_status(run_dir: Path, status: str, started: str, error: str | None = None) -> None:
@@ -62,18 +64,30 @@ def last_checkpoint(run_dir: Path) -> Path | None:
 
 def check_same_run(run_dir: Path, config: dict) -> None:
     """A folder with an earlier attempt is continued only by the same run (its config.yaml, but for RESUMABLE_CHANGES);
-    anything else would write two runs' outputs and checkpoints into one folder."""
+    anything else would write two runs' outputs and checkpoints into one folder. An earlier attempt that left no work
+    behind (refused before it trained or scored: a missing file, a value Lightning refuses) binds nothing, so the
+    corrected command can run in the same folder."""
     path = run_dir / "config.yaml"
-    if not path.is_file():
+    if not path.is_file() or not left_work(run_dir):
         return
-    earlier = _flat(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
-    changed = sorted(key for key in set(earlier) | set(_flat(config))
-                     if earlier.get(key) != _flat(config).get(key) and key not in RESUMABLE_CHANGES
+    earlier, now_flat = _flat(yaml.safe_load(path.read_text(encoding="utf-8")) or {}), _flat(config)
+    # A run folder moved or copied since (another machine, a renamed folder): its own paths follow it.
+    moved_from, moved_to = earlier.get("paths.output_dir"), now_flat.get("paths.output_dir")
+    if isinstance(moved_from, str) and isinstance(moved_to, str) and moved_from != moved_to:
+        earlier = {key: value.replace(moved_from, moved_to) if isinstance(value, str) else value
+                   for key, value in earlier.items()}
+    changed = sorted(key for key in set(earlier) | set(now_flat)
+                     if earlier.get(key) != now_flat.get(key) and key not in RESUMABLE_CHANGES
                      and not key.startswith("paths."))
     if changed:
-        shown = ", ".join(f"{k}: {earlier.get(k)!r} -> {_flat(config).get(k)!r}" for k in changed[:3])
+        shown = ", ".join(f"{k}: {earlier.get(k)!r} -> {now_flat.get(k)!r}" for k in changed[:3])
         raise UserError(f"{run_dir} holds a run with other settings ({shown}{', ...' if len(changed) > 3 else ''}); "
                         "a rerun into a run folder continues that run: use a new folder, or the same settings")
+
+
+def left_work(run_dir: Path) -> bool:
+    """Whether an attempt in run_dir got as far as results: a checkpoint, the base model's scores, weights, metrics."""
+    return last_checkpoint(run_dir) is not None or any((run_dir / name).exists() for name in WORK_PRODUCTS)
 
 
 def cached(path: Path, compute: Callable[[], list[dict] | None]) -> list[dict] | None:

@@ -9,7 +9,7 @@ the string "abc" and `rag=no` as the string "no", and neither is coerced.
 from typing import Literal
 
 from omegaconf import DictConfig, OmegaConf
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 ACCELERATORS = Literal["auto", "cpu", "gpu", "cuda", "mps", "tpu", "hpu"]
 
@@ -96,6 +96,20 @@ class DatasetSettings(_Section):
     split: SplitSettings | None = None
 
 
+class RetrieverSettings(_Section):
+    k: int = Field(ge=1)
+    chunk_size: int = Field(ge=1)
+    chunk_overlap: int = Field(ge=0)
+
+    @field_validator("chunk_overlap")
+    @classmethod
+    def _below_chunk_size(cls, overlap: int, info: ValidationInfo) -> int:
+        size = info.data.get("chunk_size")
+        if size is not None and overlap >= size:
+            raise ValueError(f"must be below retriever.chunk_size={size} (words shared by consecutive chunks)")
+        return overlap
+
+
 class RunSettings(_Section):
     seed: int = Field(ge=0)
     rag: bool
@@ -104,6 +118,7 @@ class RunSettings(_Section):
     method: MethodSettings
     trainer: TrainerSettings
     eval: EvalSettings
+    retriever: RetrieverSettings
 
 
 def schema_problems(cfg: DictConfig) -> list[str]:

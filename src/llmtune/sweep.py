@@ -105,6 +105,13 @@ def load_spec(path: Path) -> SweepSpec:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"sweep spec {path} not found; pass a spec file such as {SPEC_EXAMPLE}") from None
+    except IsADirectoryError:
+        raise UserError(f"sweep spec {path} is a folder; pass a spec file such as {SPEC_EXAMPLE}") from None
+    except OSError as error:  # e.g. no permission to read it
+        raise UserError(f"cannot read sweep spec {path} ({error.strerror}); pass a readable spec file") from None
+    except UnicodeDecodeError as error:
+        raise UserError(f"sweep spec {path} is not UTF-8 text (byte {error.start}); pass a YAML spec such as "
+                        f"{SPEC_EXAMPLE}") from None
     except yaml.YAMLError as error:
         raise UserError(f"sweep spec {path} is not valid YAML ({str(error).splitlines()[0]}); fix the file") from None
     if not isinstance(raw, dict):

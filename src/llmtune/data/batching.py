@@ -1,12 +1,47 @@
 """Training batches of similar length: little compute spent on padding, order still random and seeded."""
 
 import math
+from collections.abc import Iterator
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
 
 
-class LengthPoolBatchSampler(Sampler[list[int]]):
+class ResumableLoader(DataLoader):
+    """A training loader whose place in the epoch goes into every checkpoint: Lightning saves and restores the state of
+    a loader that has state_dict / load_state_dict (its fit loop's "combined_loader"). Without it a run resumed from a
+    checkpoint taken inside an epoch (callbacks.checkpoint.every_n_train_steps) would train that epoch's first
+    batches again, the ones already trained on, and never its last ones. The state is its batch sampler's."""
+
+    def state_dict(self) -> dict:
+        return self.batch_sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batch_sampler.load_state_dict(state)
+
+
+class EpochPosition:
+    """How far into which epoch a batch sampler has handed out batches; a restored position makes the next draw of
+    that same epoch skip the batches handed out before (a later epoch is drawn whole)."""
+
+    position: tuple[int, int] = (0, 0)  # (epoch, batches handed out in it)
+    resume_at: tuple[int, int] | None = None
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.position[0], "batches": self.position[1]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.resume_at = (state["epoch"], state["batches"])
+
+    def hand_out(self, epoch: int, batches: list) -> Iterator:
+        done = self.resume_at[1] if self.resume_at and self.resume_at[0] == epoch else 0
+        self.resume_at, self.position = None, (epoch, done)
+        for number, batch in enumerate(batches[done:], start=done + 1):
+            self.position = (epoch, number)  # before the yield: a checkpoint after this batch counts it
+            yield batch
+
+
+class LengthPoolBatchSampler(EpochPosition, Sampler[list[int]]):
     """Each epoch: shuffle all rows, cut them into pools of `pool_batches` batches, sort each pool by length, batch
     it, then shuffle the batches. With pool_batches=1 this is a plain shuffled loader.
 
@@ -28,21 +63,23 @@ class LengthPoolBatchSampler(Sampler[list[int]]):
         self.epoch = epoch
 
     def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        epoch = self.epoch
+        generator = torch.Generator().manual_seed(self.seed + epoch)
         self.epoch += 1
         order = torch.randperm(len(self.lengths), generator=generator).tolist()
         batches = []
         for start in range(0, len(order), self.pool):
             pool = sorted(order[start:start + self.pool], key=self.lengths.__getitem__)
             batches += [pool[i:i + self.batch_size] for i in range(0, len(pool), self.batch_size)]
-        yield from (batches[i] for i in torch.randperm(len(batches), generator=generator).tolist())
+        shuffled = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+        yield from self.hand_out(epoch, shuffled)
 
     def __len__(self) -> int:
         full, rest = divmod(len(self.lengths), self.pool)
         return full * math.ceil(self.pool / self.batch_size) + math.ceil(rest / self.batch_size)
 
 
-class PackedBatchSampler(Sampler[list[tuple[int, ...]]]):
+class PackedBatchSampler(EpochPosition, Sampler[list[tuple[int, ...]]]):
     """Each epoch: shuffle the rows, pack them first-fit-decreasing into sequences of at most pack_length tokens,
     shuffle the packs and yield them batch_size at a time. A pack is a tuple of row indices (see Packs).
 
@@ -77,11 +114,12 @@ class PackedBatchSampler(Sampler[list[tuple[int, ...]]]):
         return [tuple(pack) for pack in packs]
 
     def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        epoch = self.epoch
+        generator = torch.Generator().manual_seed(self.seed + epoch)
         self.epoch += 1
         packs = self.packs(generator)
         packs = [packs[i] for i in torch.randperm(len(packs), generator=generator).tolist()]
-        yield from (packs[i:i + self.batch_size] for i in range(0, len(packs), self.batch_size))
+        yield from self.hand_out(epoch, [packs[i:i + self.batch_size] for i in range(0, len(packs), self.batch_size)])
 
     def __len__(self) -> int:
         # The pack count does not depend on the shuffle's ties enough to matter for Lightning's progress and

@@ -153,6 +153,8 @@ def read_table(path: str, dataset_cfg: DictConfig):
                         "DatasetDict folder or a Hub dataset id as dataset.path")
     if not Path(path).is_file():
         raise UserError(f"dataset file not found: {path}; set dataset.path (or dataset.files) to an existing file")
+    if Path(path).stat().st_size == 0:
+        raise UserError(f"dataset file {path} is empty (0 bytes); point dataset.path at a file with rows")
     options = {}
     if builder == "csv":
         options = {"encoding": dataset_cfg.encoding, "sep": "\t" if path.endswith(".tsv") else ","}

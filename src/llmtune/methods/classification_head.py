@@ -16,7 +16,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from llmtune.data.batching import LengthPoolBatchSampler
+from llmtune.data.batching import LengthPoolBatchSampler, ResumableLoader
 from llmtune.errors import UserError
 from llmtune.evaluation.batches import length_sorted_batches
 from llmtune.evaluation.scoring import labelled_predictions
@@ -97,7 +97,7 @@ def classifier_loaders(train: list[dict], val: list[dict], trainer_cfg: DictConf
     collate = partial(pad_examples, tokenizer=tokenizer)
     batches = LengthPoolBatchSampler([len(e["input_ids"]) for e in train], trainer_cfg.batch_size,
                                      trainer_cfg.length_pool_batches, seed)
-    return (DataLoader(train, batch_sampler=batches, collate_fn=collate),
+    return (ResumableLoader(train, batch_sampler=batches, collate_fn=collate),  # resumes mid-epoch where it stopped
             DataLoader(val, batch_size=trainer_cfg.batch_size, collate_fn=collate) if val else None)
 
 

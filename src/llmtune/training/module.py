@@ -51,9 +51,20 @@ class FineTuner(L.LightningModule):
         self.tokens_seen = 0  # non-padding tokens trained on, for tokens/s
         self.resumed_from_step = None  # the checkpoint's step, when fit continued a killed run
         self.tokens_restored = 0  # tokens_seen of the checkpoint fit continued from
+        self.loader_states = []  # the training loader's place in its epoch, as the checkpoint fit continues from has it
 
     def on_fit_start(self):
         self.model.train()  # scoring the base model left it in eval mode; dropout, if configured, must be active
+
+    def on_train_start(self):
+        """A resumed run's training loader gets back its place in the epoch (data.batching.ResumableLoader) before it
+        draws a batch, so a run resumed from a checkpoint taken mid-epoch trains on the rest of that epoch's batches.
+        Lightning would do it only for a loader it builds after restoring its loops; configure_optimizers asks for
+        estimated_stepping_batches, which builds the loader before."""
+        loader = self.trainer.train_dataloader
+        if self.loader_states and hasattr(loader, "load_state_dict"):
+            loader.load_state_dict(self.loader_states[0])
+        self.loader_states = []
 
     def training_step(self, batch, batch_idx):
         loss = self.loss(self.model, batch)
@@ -78,3 +89,5 @@ class FineTuner(L.LightningModule):
     def on_load_checkpoint(self, checkpoint):
         self.tokens_seen = self.tokens_restored = checkpoint.get("tokens_seen", 0)
         self.resumed_from_step = checkpoint["global_step"]
+        self.loader_states = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {}).get(
+            "combined_loader") or []

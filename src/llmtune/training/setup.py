@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from llmtune.console import progress_every_s
-from llmtune.data.batching import LengthPoolBatchSampler, PackedBatchSampler, Packs
+from llmtune.data.batching import LengthPoolBatchSampler, PackedBatchSampler, Packs, ResumableLoader
 from llmtune.data.prompts import PromptFormat, encode_example, pack_batch, pad_batch, split_shared_prefix
 from llmtune.training.checkpoints import AtomicCheckpointIO
 from llmtune.training.progress import PlainProgress
@@ -29,20 +29,22 @@ def encode_rows(rows: list[dict], tokenizer, prompt_format: PromptFormat, loss_o
 
 
 def make_loaders(train: list[dict], val: list[dict], trainer_cfg: DictConfig, pad_id: int, seed: int):
-    """Length-pooled (or, with trainer.packing, packed), seeded training batches; the instruction shared by all rows
-    is split off and computed once per batch when trainer.share_prefix is on (loss and gradients are the same, up to
-    float rounding). Validation batches are never packed: val/loss stays comparable across settings."""
-    def loader(examples, **options):
+    """Length-pooled (or, with trainer.packing, packed), seeded training batches, whose place in the epoch goes into
+    each checkpoint; the instruction shared by all rows is split off and computed once per batch when
+    trainer.share_prefix is on (loss and gradients are the same, up to float rounding). Validation batches are never
+    packed: val/loss stays comparable across settings."""
+    def loader(examples, kind=DataLoader, **options):
         prefix, rest = split_shared_prefix(examples) if trainer_cfg.share_prefix else ([], examples)
-        return DataLoader(rest, collate_fn=partial(pad_batch, pad_id=pad_id, prefix_ids=prefix), **options)
+        return kind(rest, collate_fn=partial(pad_batch, pad_id=pad_id, prefix_ids=prefix), **options)
 
     lengths = [len(e["input_ids"]) for e in train]
     if trainer_cfg.packing:  # rows end to end in sequences of up to `packing` tokens; batch_size counts those
         batches = PackedBatchSampler(lengths, trainer_cfg.batch_size, trainer_cfg.packing, seed)
-        train_loader = DataLoader(Packs(train), batch_sampler=batches, collate_fn=partial(pack_batch, pad_id=pad_id))
+        train_loader = ResumableLoader(Packs(train), batch_sampler=batches,
+                                       collate_fn=partial(pack_batch, pad_id=pad_id))
     else:
         batches = LengthPoolBatchSampler(lengths, trainer_cfg.batch_size, trainer_cfg.length_pool_batches, seed)
-        train_loader = loader(train, batch_sampler=batches)
+        train_loader = loader(train, ResumableLoader, batch_sampler=batches)
     return train_loader, loader(val, batch_size=trainer_cfg.batch_size) if val else None
 
 
