@@ -1,12 +1,12 @@
 """Peak memory and wall time of a run whose data holds 12,000-character texts, with dataset.max_input_tokens at its
 default and at other caps (null: no cap), each arm a fresh `python -m llmtune` process (peak RSS from wait4).
 
-    python benchmarks/long_inputs.py                    # Gemma 3 270M, caps 1024 and 256
+    python benchmarks/long_inputs.py                    # Gemma 3 270M, caps 512 (the default), 1024 and 256
     python benchmarks/long_inputs.py --caps 1024 null --model tiny
 
 The data is written to a temporary folder: the shipped demo sentences of one label, joined until each text passes
 12,000 characters, 16 texts per label (8 train, 8 test), the label's own sentences at the end (so the cut side matters).
-Writes results/long_inputs.json and results/long_inputs.md.
+Writes results/long_inputs.json and results/long_inputs.md (measurements: benchmarks/README.md).
 """
 
 import argparse
@@ -68,7 +68,7 @@ def run_arm(data: Path, cap: str, model: str, out: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--caps", nargs="+", default=["1024", "256"])
+    parser.add_argument("--caps", nargs="+", default=["512", "1024", "256"])
     parser.add_argument("--model", default="gemma3_270m")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
