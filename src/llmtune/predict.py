@@ -60,20 +60,25 @@ def main(argv: list[str]) -> None:
     run_dir, options = args.run_dir, asdict(args)
     out = output_path(run_dir, options)  # checked before the model loads
     source, text = _read_input(options["input"])
-    from llmtune.inference import load_run  # torch and transformers: only once the arguments are good
+    from llmtune.inference import load_run, run_config  # torch and transformers: only once the arguments are good
+    from llmtune.tasks import task_of
+    from llmtune.trust import check_run_is_trusted
 
-    loaded = load_run(run_dir, options["model"], trust_remote_code=options["trust_remote_code"])
-    qa = loaded.labels is None  # a Q&A run answers each question; a classification run labels each text
+    # The input's rows are checked against the run's config before its model loads.
+    cfg = run_config(run_dir)
+    check_run_is_trusted(cfg, run_dir, options["trust_remote_code"])
+    qa = task_of(cfg, options["trust_remote_code"]).labels is None  # Q&A answers questions; classification labels
     if qa and options["output"] == "json":
         raise UserError(f"{run_dir} is a Q&A run: output=json is the structured form of a classification; use "
                         "output=jsonl or output=csv for its answers")
-    dataset = loaded.cfg.dataset
+    dataset = cfg.dataset
     column = text_source(dataset, options["text_column"], qa)
     rows, bad = parse_rows(text, source, column)
     _report_bad_rows(bad, source)
     if not rows:
         raise UserError(f"{source} has no usable rows (0 of {len(bad)}): each row needs a non-empty "
                         f"'{column.name}'; set text_column=NAME if the text is in another column")
+    loaded = load_run(run_dir, options["model"], trust_remote_code=options["trust_remote_code"])
 
     started = time.perf_counter()
     texts, batch_size = [r["text"] for r in rows], options["batch_size"] or None
