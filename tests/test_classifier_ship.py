@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -18,7 +17,7 @@ import torch
 from conftest import run_llmtune
 from omegaconf import OmegaConf
 from test_classifier import save_encoder
-from test_serve import Gate, assert_error, running, wait_until
+from test_serve import assert_error, classify_behind_a_held_first_request, running
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertModel
 
 from llmtune.files import OUTPUT_MARKER
@@ -213,17 +212,8 @@ def test_serve_classifies_with_the_head_and_refuses_generation(loaded_classifier
 
 
 def test_concurrent_classify_requests_share_one_scoring_call(loaded_classifier):
-    gate = Gate(loaded_classifier)
     requests = [["Profit rose sharply."], ["The company cut its forecast.", "Sales were flat."], ["Orders jumped."]]
-    app = create_app(gate.run)
-    with running(app) as http:
-        with ThreadPoolExecutor(len(requests)) as pool:
-            first = pool.submit(http.post, "/v1/classify", json={"input": requests[0]})
-            assert gate.entered.wait(30)
-            rest = [pool.submit(http.post, "/v1/classify", json={"input": texts}) for texts in requests[1:]]
-            wait_until(lambda: len(app.state.worker.waiting) == len(rest))
-            gate.opened.set()
-            responses = [future.result(timeout=60) for future in [first, *rest]]
+    gate, responses = classify_behind_a_held_first_request(loaded_classifier, requests)
     assert gate.calls == [1, sum(len(texts) for texts in requests[1:])]
     for texts, response in zip(requests, responses):
         assert response.status_code == 200, response.text

@@ -235,16 +235,22 @@ def assert_as_scored_alone(loaded, texts: list[str], response: httpx.Response) -
         assert all(abs(got["scores"][label] - alone["scores"][label]) <= 1e-4 for label in loaded.labels), (got, alone)
 
 
-def test_requests_waiting_for_the_model_are_scored_in_one_call(loaded):
+def classify_behind_a_held_first_request(loaded, requests: list[list[str]]) -> tuple[Gate, list]:
+    """POST each request to /v1/classify while the first one holds the model, so the rest queue up behind it; then
+    let the model go. Returns the gate (its calls: texts per scoring call) and the responses in request order."""
     gate = Gate(loaded)
     app = create_app(gate.run)
-    with running(app) as http, ThreadPoolExecutor(len(BATCH_REQUESTS)) as pool:
-        first = pool.submit(http.post, "/v1/classify", json={"input": BATCH_REQUESTS[0]})
+    with running(app) as http, ThreadPoolExecutor(len(requests)) as pool:
+        first = pool.submit(http.post, "/v1/classify", json={"input": requests[0]})
         assert gate.entered.wait(30)
-        rest = [pool.submit(http.post, "/v1/classify", json={"input": texts}) for texts in BATCH_REQUESTS[1:]]
+        rest = [pool.submit(http.post, "/v1/classify", json={"input": texts}) for texts in requests[1:]]
         wait_until(lambda: len(app.state.worker.waiting) == len(rest))
         gate.opened.set()
-        responses = [future.result(timeout=60) for future in [first, *rest]]
+        return gate, [future.result(timeout=60) for future in [first, *rest]]
+
+
+def test_requests_waiting_for_the_model_are_scored_in_one_call(loaded):
+    gate, responses = classify_behind_a_held_first_request(loaded, BATCH_REQUESTS)
     assert gate.calls == [1, sum(len(texts) for texts in BATCH_REQUESTS[1:])]  # 5 requests, 2 scoring calls
     for texts, response in zip(BATCH_REQUESTS, responses):
         assert_as_scored_alone(loaded, texts, response)

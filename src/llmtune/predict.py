@@ -187,8 +187,8 @@ def _jsonl_rows(text: str, column: TextSource):
             continue
         if isinstance(value, str):  # a bare string per line
             _keep(rows, bad, number, value, None)
-        elif isinstance(value, dict) and isinstance(column.read(value), str):
-            _keep(rows, bad, number, column.read(value), value.get("id"))
+        elif isinstance(value, dict) and isinstance(text := column.read(value), str):
+            _keep(rows, bad, number, text, value.get("id"))
         else:
             bad.append((number, f"neither a string nor an object with a string {_quoted(column.fields)} field"))
     return rows, bad

@@ -57,7 +57,8 @@ def make_splits(rows: list[dict], split_cfg: DictConfig, seed: int, labels: list
         if drop_repeats:
             rows = drop_duplicates(rows, answer_key, counts)
         splits = _from_pool(rows, split_cfg, seed, labels)
-        counts["overlap_with_test"] = _overlap(splits["test"], {"train": splits["train"], "validation": splits["val"]})
+        counts["overlap_with_test"] = _overlap({normalised(r["text"]) for r in splits["test"]},
+                                               {"train": splits["train"], "validation": splits["val"]})
         counts["split_mode"] = "drawn per class" if labels and not any(
             split_cfg.get(f"{p}_rows") for p in PARTS) else "drawn in proportion"
     for name in PARTS:
@@ -111,7 +112,7 @@ def _from_given(rows: list[dict], split_cfg: DictConfig, seed: int, labels: list
         test = _take(_pools(test, labels, test_rng), split_cfg, "test", test_rng, exact=False, per_class=False)
     # Texts of the test rows must not be trained on; the given test split itself is never changed.
     test_texts = {normalised(r["text"]) for r in test}
-    counts["overlap_with_test"] = _overlap(test, parts)
+    counts["overlap_with_test"] = _overlap(test_texts, parts)
     rng = random.Random(seed)
     kept = {name: [r for r in parts.get(name, []) if not (drop_repeats and normalised(r["text"]) in test_texts)]
             for name in ("train", "validation")}
@@ -127,9 +128,8 @@ def _from_given(rows: list[dict], split_cfg: DictConfig, seed: int, labels: list
     return {"train": train, "val": val, "test": test}
 
 
-def _overlap(test: list[dict], parts: dict) -> dict:
-    """{part: rows whose text is also a test row's} for the training and validation parts, where any."""
-    test_texts = {normalised(r["text"]) for r in test}
+def _overlap(test_texts: set[str], parts: dict) -> dict:
+    """{part: rows whose text is also a test row's (normalised)} for the training and validation parts, where any."""
     found = {name: sum(normalised(r["text"]) in test_texts for r in parts.get(name, [])) for name in ("train",
                                                                                                   "validation")}
     return {name: n for name, n in found.items() if n}
