@@ -162,7 +162,7 @@ def test_classify_with_head_gives_the_classify_format_and_matches_a_manual_forwa
     predictions = classify_with_head(model, tokenizer, ROWS, LABELS, batch_size=5, max_length=128, desc="test")
     assert [p["id"] for p in predictions] == [r["id"] for r in ROWS]
     for row, prediction in zip(ROWS, predictions):
-        assert set(prediction) == {"id", "text", "gold", "predicted", "scores"}
+        assert set(prediction) == {"id", "text", "gold", "predicted", "scores", "logits"}
         assert (prediction["text"], prediction["gold"]) == (row["text"], row["label"])
         assert list(prediction["scores"]) == LABELS and sum(prediction["scores"].values()) == pytest.approx(1, abs=1e-4)
         with torch.no_grad():  # one row, no padding: what the batched, padded forward must reproduce
@@ -170,6 +170,7 @@ def test_classify_with_head_gives_the_classify_format_and_matches_a_manual_forwa
         manual = torch.softmax(logits, -1)
         assert prediction["predicted"] == LABELS[int(manual.argmax())]
         assert list(prediction["scores"].values()) == pytest.approx(manual.tolist(), abs=1e-4)
+        assert list(prediction["logits"].values()) == pytest.approx(logits.tolist(), abs=1e-4)
 
 
 def trained_head(model) -> torch.nn.Linear:

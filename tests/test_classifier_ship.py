@@ -21,7 +21,7 @@ from test_serve import assert_error, classify_behind_a_held_first_request, runni
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertModel
 
 from llmtune.files import OUTPUT_MARKER
-from llmtune.inference import load_run
+from llmtune.inference import fitted_temperature, load_run
 from llmtune.predict import _record, _to_csv
 from llmtune.serve import create_app
 
@@ -149,15 +149,18 @@ def test_merged_export_loads_with_plain_transformers_and_passes_parity(run, requ
     assert config["id2label"] == {str(i): label for i, label in enumerate(LABELS)}
     assert config["label2id"] == {label: i for i, label in enumerate(LABELS)}
 
-    # Plain transformers, no llmtune and no PEFT: the trained head's probabilities, row by row.
+    # Plain transformers, no llmtune and no PEFT: the trained head's logits, row by row (the run's scores are their
+    # softmax after the temperature fitted on val, which llmtune predict and serve apply from metrics.json).
     tokenizer, model = AutoTokenizer.from_pretrained(out), AutoModelForSequenceClassification.from_pretrained(out)
     model.eval()
     with torch.no_grad():
         for row in rows[:10]:
             ids = tokenizer(row["text"], truncation=True, max_length=128, return_tensors="pt")
-            probabilities = torch.softmax(model(**ids).logits[0], -1).tolist()
-            assert probabilities == pytest.approx(list(row["scores"].values()), abs=2e-4)
-            assert model.config.id2label[int(torch.tensor(probabilities).argmax())] == row["predicted"]
+            logits = model(**ids).logits[0]
+            assert logits.tolist() == pytest.approx(list(row["logits"].values()), abs=2e-3)
+            calibrated = torch.softmax(logits / fitted_temperature(run_dir), -1).tolist()
+            assert calibrated == pytest.approx(list(row["scores"].values()), abs=2e-4)
+            assert model.config.id2label[int(logits.argmax())] == row["predicted"]
 
     # predict model=DIR uses the export as the run's own weights.
     exported = load_run(run_dir, out).classify([r["text"] for r in rows[:8]])

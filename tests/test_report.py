@@ -10,6 +10,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from llmtune.errors import UserError
+from llmtune.evaluation.intervals import bootstrap_intervals, classification_statistics
 from llmtune.evaluation.metrics import classification_metrics
 from llmtune.report.compare import config_groups, main
 from llmtune.report.figures import heatmap_table
@@ -73,6 +74,8 @@ def fabricate_run(run_dir: Path, overrides: dict | None = None, wrong: set[int] 
 
     tuned = predict(wrong)
     results = {"tuned": classification_metrics(tuned, GOLD, LABELS), "val": classification_metrics(GOLD, GOLD, LABELS)}
+    if not legacy:
+        results["tuned"]["intervals"] = bootstrap_intervals(classification_statistics(tuned, GOLD, LABELS), len(GOLD))
     rows = [{"id": row, "text": f"text {row}", "gold": gold, "predicted": predicted, "scores": {}}
             for row, gold, predicted in zip(IDS, GOLD, tuned)]
     if base_wrong is not None:
@@ -153,7 +156,12 @@ def test_only_seed_and_lr_vary(lr_report):
     # model.name, method.lora.r... are equal everywhere; paths.*, trainer.default_root_dir (= paths.output_dir) and
     # logger.* differ per run but say where a run lived and logged, not what it did.
     assert table.columns[:4].tolist() == ["run", "status", "method.optimizer.lr", "seed"]
-    assert "| # | run | lr | seed | test/accuracy | base/test_accuracy | McNemar p (base vs tuned) |" in report
+    assert ("| # | run | lr | seed | test/accuracy [95% interval] | base/test_accuracy | McNemar p (base vs tuned) |"
+            in report)
+    # each run's own interval beside its accuracy, as results.csv holds it
+    best = table.sort_values("test/accuracy", ascending=False).iloc[0]
+    assert best["interval_low"] < best["test/accuracy"] < best["interval_high"]
+    assert f"| {best['test/accuracy']:.3f} [{best['interval_low']:.3f}, {best['interval_high']:.3f}] |" in report
 
 
 def test_mean_and_sample_std_over_seeds(lr_report):
@@ -253,7 +261,7 @@ def test_grid_params_confusion_limit_and_no_numeric_param(grid_report):
     # model.dtype changes with model.name: kept in results.csv, folded into model elsewhere.
     assert table.columns[2:6].tolist() == ["model.name", "method.name", "model.dtype", "seed"]
     assert "`model.dtype` (with model)" in report
-    assert "| # | run | model | method | seed | test/accuracy |" in report
+    assert "| # | run | model | method | seed | test/accuracy [95% interval] |" in report
     assert "Confusion matrices of the best 12 runs; 4 more left out." in report
     assert "No metric-vs-parameter plot" in report
     assert_png(root / "confusion_matrices.png")
@@ -341,7 +349,7 @@ def test_a_sweep_folder_is_ranked_by_its_own_metric_with_the_test_score_beside_i
     main([str(root)])
     ranking = section((root / "report.md").read_text(), "Runs ranked by val/accuracy")
     header = next(line for line in ranking.splitlines() if line.startswith("| #"))
-    assert header.split(" | ")[-4:] == ["val/accuracy", "test/accuracy", "base/test_accuracy",
+    assert header.split(" | ")[-4:] == ["val/accuracy [95% interval]", "test/accuracy", "base/test_accuracy",
                                         "McNemar p (base vs tuned) |"]
     assert "| 1.000 | 0.800 | 1.000 |" in ranking and "| 1.000 | 0.900 | 1.000 |" in ranking
 

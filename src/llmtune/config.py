@@ -71,20 +71,20 @@ def build_components(cfg: DictConfig):
 
 
 def trainer_problems(trainer_cfg: DictConfig, build: bool = True) -> list[str]:
-    """trainer/ keys are Lightning Trainer arguments, except the few llmtune's loaders read (training.setup). With
+    """trainer/ keys are Lightning Trainer arguments, except the few llmtune reads (training.setup.OWN_KEYS). With
     build (the values have their types), a Trainer is made from them once, with no model and writing nothing, so a
     value only Lightning knows to refuse (trainer.precision=banana, trainer.devices=abc, an accelerator this machine
     lacks) is one line now, not a traceback once the model has loaded and the base model was scored."""
     import lightning as L
 
-    from llmtune.training.setup import LOADER_KEYS
+    from llmtune.training.setup import OWN_KEYS
 
-    accepted = [*inspect.signature(L.Trainer.__init__).parameters, *LOADER_KEYS]
-    problems = [f"trainer.{key} is not a setting of lightning's Trainer or llmtune's loaders"
+    accepted = [*inspect.signature(L.Trainer.__init__).parameters, *OWN_KEYS]
+    problems = [f"trainer.{key} is not a setting of lightning's Trainer or of llmtune's loaders and model selection"
                 f"{_did_you_mean(key, accepted, 'trainer.')}" for key in trainer_cfg if key not in accepted]
     if problems or not build:
         return problems
-    settings = {k: v for k, v in OmegaConf.to_container(trainer_cfg, resolve=True).items() if k not in LOADER_KEYS}
+    settings = {k: v for k, v in OmegaConf.to_container(trainer_cfg, resolve=True).items() if k not in OWN_KEYS}
     try:
         with _quiet_lightning():
             L.Trainer(**{**settings, "logger": False, "enable_checkpointing": False, "enable_progress_bar": False})

@@ -6,6 +6,7 @@ they classify exactly as the run's own evaluation did. The run's Method says how
 prompt, or for a classification head the raw text) and how it scores the labels.
 """
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,8 @@ class LoadedRun:
     method: Method  # how the model reads a text and scores the labels
     # rag=true: the run's retriever, adding `context` (and `retrieved`) to rows {"text": ...}; None for rag=false
     add_context: Callable[[list[dict]], None] | None = None
+    # Temperature scaling fitted on the run's validation split (metrics.json: calibration.temperature); 1.0: none
+    temperature: float = 1.0
 
     def prompts(self, texts: list[str], prompt_format: PromptFormat | None = None) -> list[str]:
         """Each text's prompt as the run built it: with rag=true, what the run's retriever finds goes in too."""
@@ -68,8 +71,10 @@ class LoadedRun:
     def classify_prompts(self, prompts: list[str], batch_size: int | None = None, desc: str = "classifying"
                          ) -> list[dict]:
         """classify() for prompts already built with prompts() (e.g. checked for length first)."""
-        probs = self.method.label_probabilities(self.model, self.tokenizer, prompts, self.labels, self.prompt_format,
-                                                batch_size or self.cfg.eval.batch_size, desc)
+        logits = self.method.label_logits(self.model, self.tokenizer, prompts, self.labels, self.prompt_format,
+                                          batch_size or self.cfg.eval.batch_size, desc)
+        # The run's calibration, as its predictions.jsonl has it
+        probs = torch.softmax(logits / self.temperature, dim=1)
         records = []
         for p in probs:
             label, scores = label_choice(self.labels, p)
@@ -153,7 +158,14 @@ def load_run(run_dir: str | Path, model_path: str | Path | None = None, dtype: s
         tokenizer.pad_token = tokenizer.eos_token
     add_context = _run_retriever(cfg, task) if cfg.get("rag") else None  # config checks refuse rag for a head
     return LoadedRun(run_dir, cfg, tokenizer, model.eval(), prompt_format_of(run_dir, cfg, tokenizer), task.labels,
-                     method, add_context)
+                     method, add_context, fitted_temperature(run_dir))
+
+
+def fitted_temperature(run_dir: Path) -> float:
+    """The temperature the run fitted on its validation split; 1.0 for a run without one (or written before)."""
+    path = run_dir / "metrics.json"
+    summary = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    return float((summary.get("calibration") or {}).get("temperature", 1.0))
 
 
 def _run_retriever(cfg: DictConfig, task: Task) -> Callable[[list[dict]], None]:

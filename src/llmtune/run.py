@@ -17,6 +17,7 @@ from llmtune.models.loader import prepare_model_dir
 from llmtune.run_outputs import write_run
 from llmtune.run_state import cached, last_checkpoint
 from llmtune.tracking import final_metrics, public_config
+from llmtune.training.selection import ModelSelection, score
 from llmtune.training.setup import instantiate_each, make_trainer
 from llmtune.training.timing import Stopwatch
 
@@ -47,16 +48,26 @@ def run(cfg: DictConfig) -> float:
         task, splits["test"], zero_shot, cfg.eval)) if cfg.eval.baseline else None
     clock.lap("eval_base")
 
+    # Train, scoring the validation rows by the task's metric at each validation; trainer.select=best then puts back
+    # the weights of the best validation score (early stopping and trainer.max_time may end training sooner).
     logger = instantiate(cfg.logger)
     logger.log_hyperparams(public_config(cfg))  # secrets masked; W&B shows it as the run's config
-    new_trainer = partial(make_trainer, cfg.trainer, run_dir, logger, instantiate_each(cfg.callbacks))
-    training = method.fit(task, splits, prompts, cfg.trainer, cfg.seed, new_trainer, last_checkpoint(run_dir))
+    val_rows = splits["val"][:cfg.trainer.val_score_rows]
+    selection = ModelSelection(cfg.trainer, run_dir, task, val_rows and partial(
+        score, task, method, val_rows, prompts, cfg.eval, "scoring validation"))
+    new_trainer = partial(make_trainer, cfg.trainer, run_dir, logger,
+                          [*instantiate_each(cfg.callbacks), *selection.callbacks])
+    training = method.fit(task, splits, prompts, cfg.trainer, cfg.seed, new_trainer, last_checkpoint(run_dir),
+                          selection)
     clock.lap("train")
 
-    # The method's model on val (what sweeps optimise: tuning on test would flatter it) and on test.
+    # The method's model on val (what sweeps optimise: tuning on test would flatter it) and on test; temperature
+    # scaling fitted on val (classification) rescales the confidences, never the predicted labels.
     val = splits["val"] and method.predictions(task, splits["val"], prompts, cfg.eval, f"scoring {method.name} (val)")
-    results = {"val": task.metrics(val)} if val else {}
-    predictions = {"tuned": method.predictions(task, splits["test"], prompts, cfg.eval, f"scoring {method.name}"),
+    calibration = task.fit_calibration(val)
+    results = {"val": task.metrics(task.calibrate(val, calibration))} if val else {}
+    predictions = {"tuned": task.calibrate(method.predictions(task, splits["test"], prompts, cfg.eval,
+                                                              f"scoring {method.name}"), calibration),
                    "base": base}
     results.update({name: task.metrics(rows) for name, rows in predictions.items() if rows is not None})
     if retrieval is not None:
@@ -72,7 +83,8 @@ def run(cfg: DictConfig) -> float:
         "run": {"model": cfg.model.name, "method": method.name, "dataset": cfg.dataset.name, "rag": cfg.rag,
                 "task": task.name, "seed": cfg.seed, **method.describe(cfg.model),
                 **{f"n_{name}": len(rows) for name, rows in splits.items()}},
-        "data": task.data_counts, "results": results, "retrieval": retrieval, "logged": logged, "train": training,
+        "data": task.data_counts, "results": results, "calibration": calibration, "retrieval": retrieval,
+        "logged": logged, "train": training,
         "timing_s": clock.laps(),
     }
     write_run(run_dir, summary, predictions, splits["test"], prompts, task)

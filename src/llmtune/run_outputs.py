@@ -12,6 +12,7 @@ from llmtune.data.splits import SMALL_TEST_CLASS
 from llmtune.files import write_atomic, write_atomic_with
 
 RETRIEVAL_EXAMPLES = 3  # rag=true: test rows shown in report.md with what was retrieved for them
+INTERVALS_NOTE = "In brackets: the 95% bootstrap interval (1,000 seeded resamples of the test rows)."
 
 
 def write_run(run_dir: Path, summary: dict, predictions: dict, test_rows: list[dict], prompt_format, task) -> None:
@@ -69,12 +70,63 @@ def plot_confusion(run_dir: Path, results: dict, tuned_name: str = "tuned") -> l
     return ["confusion_matrix.png"]
 
 
+def plot_reliability(run_dir: Path, results: dict, tuned_name: str = "tuned") -> list[str]:
+    """reliability.png: accuracy against mean confidence per confidence bin (the diagonal is perfect calibration) for
+    the base model, the tuned one before temperature scaling and after; empty where no confidences were scored."""
+    tuned = results.get("tuned", {})
+    curves = [(f"{name} (ECE {metrics['ece']:.3f})", metrics["reliability"]) for name, metrics in (
+        ("base", results.get("base")), (f"{tuned_name}, before scaling", tuned.get("before_scaling")),
+        (f"{tuned_name}, temperature-scaled", tuned)) if metrics and metrics.get("reliability")]
+    if not curves:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(5.2, 4.6))
+    axis.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfectly calibrated")
+    for label, bins in curves:
+        axis.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker="o", label=label)
+    axis.set(xlim=(0, 1.02), ylim=(0, 1.02), xlabel="confidence (mean of the bin)", ylabel="accuracy in the bin",
+             title="Reliability on the test rows (15 confidence bins)")
+    axis.legend(loc="upper left", fontsize=8)
+    figure.tight_layout()
+    write_atomic_with(run_dir / "reliability.png", lambda path: figure.savefig(path, format="png", dpi=110))
+    plt.close(figure)
+    return ["reliability.png"]
+
+
 def comparison_rows(results: dict, metrics: tuple[str, ...]) -> list[tuple[str, str, str]]:
-    """(metric, base, tuned) rows with 3 decimals; '-' where the base model was not scored (or a metric is None)."""
+    """(metric, base, tuned) rows with 3 decimals and the 95% bootstrap interval; '-' where the base model was not
+    scored (or a metric is None)."""
     def cell(name, key):
         value = results.get(name, {}).get(key)
-        return "-" if value is None else f"{value:.3f}"
+        interval = results.get(name, {}).get("intervals", {}).get(key)
+        if value is None:
+            return "-"
+        return f"{value:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else f"{value:.3f}"
     return [(key, cell("base", key), cell("tuned", key)) for key in metrics]
+
+
+def calibration_line(summary: dict) -> list[str]:
+    """The report's calibration figures: ECE and Brier of the tuned confidences before and after temperature scaling
+    (and the base model's), with the fitted temperature."""
+    tuned, base, fitted = summary["results"].get("tuned", {}), summary["results"].get("base") or {}, summary.get(
+        "calibration")
+    if "ece" not in tuned:
+        return []
+    before = tuned.get("before_scaling", tuned)
+    line = f"Calibration on test ({method_label(summary['run'])}): ECE {before['ece']:.3f}, Brier {before['brier']:.3f}"
+    if fitted:
+        line += (f"; after temperature scaling (T = {fitted['temperature']:.3g}, fitted on {fitted['val_n']} "
+                 f"validation rows: NLL {fitted['val_nll']['before']:.3f} -> {fitted['val_nll']['after']:.3f}) "
+                 f"ECE {tuned['ece']:.3f}, Brier {tuned['brier']:.3f}")
+    else:
+        line += " (no validation rows: no temperature fitted)"
+    if "ece" in base:
+        line += f". Base model: ECE {base['ece']:.3f}, Brier {base['brier']:.3f}"
+    return ["", line + "."]
 
 
 def method_label(run: dict) -> str:
@@ -103,6 +155,10 @@ def write_report(run_dir: Path, summary: dict, figures: list[str], records: list
              *([_data_line(summary["data"]), ""] if summary.get("data") else []),
              f"| metric | base | {tuned_name} |", "|---|---|---|"]
     lines += [f"| {m} | {b} | {t} |" for m, b, t in comparison_rows(results, metrics)]
+    lines += ["", INTERVALS_NOTE] if results.get("tuned", {}).get("intervals") else []
+    lines += calibration_line(summary)
+    if train.get("selection"):
+        lines += ["", _selection_line(train)]
     if "val" in results:
         shown = metrics[:2]
         lines += ["", f"Validation ({tuned_name}, n={results['val']['n']}): "
@@ -113,6 +169,18 @@ def write_report(run_dir: Path, summary: dict, figures: list[str], records: list
     lines += ["", "Wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timing.items()), ""]
     lines += [f"![{name}]({name})" for name in figures]
     write_atomic(run_dir / "report.md", "\n".join(lines) + "\n")
+
+
+def _selection_line(train: dict) -> str:
+    selection, metric = train["selection"], next((k for k in train["selection"] if k.startswith("best_val_")), None)
+    stopped = {"max_time": "at the trainer.max_time budget", "early_stopping": "early (no better validation score)",
+               "limit": "at the epoch/step limit"}.get(train.get("stopped_by"), "")
+    line = f"Training stopped {stopped}. " if stopped else ""
+    if metric is None:
+        return line + f"Weights: the last ones ({selection.get('why') or 'select=last'})."
+    chosen = "restored" if selection["select"] == "best" else "seen (select=last keeps the final weights)"
+    return line + (f"Best validation {metric.removeprefix('best_val_')} {selection[metric]:.3f} at step "
+                   f"{selection['best_step']}: {chosen}.")
 
 
 def _data_line(counts: dict) -> str:
@@ -193,4 +261,6 @@ def print_run_table(summary: dict, run_dir: Path, metrics: tuple[str, ...]) -> N
         table.add_row(*row)
     console = Console(soft_wrap=True)  # the run directory on one line, also in a log file
     console.print(table)
+    if summary["results"].get("tuned", {}).get("intervals"):
+        console.print(INTERVALS_NOTE)
     console.print(f"run directory: {run_dir}  (total {summary['timing_s']['total']:.0f} s)")

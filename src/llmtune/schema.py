@@ -43,6 +43,10 @@ class MethodSettings(_Section):
     scheduler: SchedulerSettings | None = None
 
 
+class EarlyStoppingSettings(_Section):
+    patience: int | None = Field(default=None, ge=1)
+
+
 class TrainerSettings(_Section):
     batch_size: int = Field(ge=1)
     length_pool_batches: int = Field(ge=1)
@@ -54,6 +58,9 @@ class TrainerSettings(_Section):
     log_every_n_steps: int = Field(ge=1)
     accelerator: ACCELERATORS
     devices: int | str | list[int]
+    select: Literal["best", "last"] = "best"
+    early_stopping: EarlyStoppingSettings
+    val_score_rows: int = Field(default=200, ge=1)
 
 
 class GenerationSettings(_Section):

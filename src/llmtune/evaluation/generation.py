@@ -5,7 +5,8 @@ from omegaconf import DictConfig
 
 from llmtune.data.prompts import PromptFormat
 from llmtune.evaluation.batches import length_sorted_batches
-from llmtune.evaluation.metrics import text_generation_metrics
+from llmtune.evaluation.intervals import bootstrap_intervals, generation_statistics
+from llmtune.evaluation.metrics import ngram_similarity_per_row, rouge_per_row, text_generation_metrics
 
 
 @torch.no_grad()
@@ -40,13 +41,23 @@ def answer_questions(model, tokenizer, rows: list[dict], prompt_format: PromptFo
 
 def token_presence(predictions: list[str], required: list[list[str]]) -> dict:
     """Share of the rows that list required tokens whose answer contains every one of them (case-insensitive)."""
-    checked = [(p.lower(), tokens) for p, tokens in zip(predictions, required) if tokens]
-    hits = sum(all(t.lower() in p for t in tokens) for p, tokens in checked)
-    return {"token_presence": hits / len(checked) if checked else None, "n_token_rows": len(checked)}
+    hits = [hit for hit in token_presence_per_row(predictions, required) if hit is not None]
+    return {"token_presence": sum(hits) / len(hits) if hits else None, "n_token_rows": len(hits)}
+
+
+def token_presence_per_row(predictions: list[str], required: list[list[str]]) -> list[float | None]:
+    """1.0 where the answer contains every required token of its row, 0.0 where not, None where the row lists none."""
+    return [float(all(t.lower() in p.lower() for t in tokens)) if tokens else None
+            for p, tokens in zip(predictions, required)]
 
 
 def qa_metrics(predictions: list[dict]) -> dict:
-    """BLEU, ROUGE-1/2/L, bigram similarity and token presence of generated answers against the references."""
+    """BLEU, ROUGE-1/2/L, bigram similarity and token presence of generated answers against the references, each with
+    its 95% bootstrap interval."""
     answers, references = [p["predicted"] for p in predictions], [p["gold"] for p in predictions]
-    return {**text_generation_metrics(answers, references),
-            **token_presence(answers, [p["tokens"] for p in predictions])}
+    required = [p["tokens"] for p in predictions]
+    metrics = {**text_generation_metrics(answers, references), **token_presence(answers, required)}
+    per_row = {**rouge_per_row(answers, references), "ngram_similarity": ngram_similarity_per_row(answers, references),
+               "token_presence": token_presence_per_row(answers, required)}
+    metrics["intervals"] = bootstrap_intervals(generation_statistics(answers, references, per_row), len(answers))
+    return metrics

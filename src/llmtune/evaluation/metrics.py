@@ -129,16 +129,17 @@ def bleu(predictions: list[str], references: list[str]) -> float:
 
 def rouge(predictions: list[str], references: list[str]) -> dict:
     """Mean ROUGE-1/2/L F-measures (0-1) over prediction/reference pairs."""
+    return {key: sum(scores) / len(scores) for key, scores in rouge_per_row(predictions, references).items()}
+
+
+def rouge_per_row(predictions: list[str], references: list[str]) -> dict[str, list[float]]:
+    """ROUGE-1/2/L F-measure of each prediction/reference pair."""
     _check_pairs(predictions, references)
     keys = ("rouge1", "rouge2", "rougeL")
     scorer = rouge_scorer.RougeScorer(list(keys), tokenizer=_CjkAwareTokenizer())
-    totals = dict.fromkeys(keys, 0.0)
-    for pred, ref in zip(predictions, references):
-        # rouge-score's signature is score(target, prediction).
-        scores = scorer.score(ref, pred)
-        for key in keys:
-            totals[key] += scores[key].fmeasure
-    return {key: totals[key] / len(predictions) for key in keys}
+    # rouge-score's signature is score(target, prediction).
+    pairs = [scorer.score(ref, pred) for pred, ref in zip(predictions, references)]
+    return {key: [scores[key].fmeasure for scores in pairs] for key in keys}
 
 
 def _ngrams(text: str, n: int) -> set[tuple[str, ...]]:
@@ -147,24 +148,30 @@ def _ngrams(text: str, n: int) -> set[tuple[str, ...]]:
 
 
 def ngram_similarity(predictions: list[str], references: list[str], n: int = 2) -> float:
-    """Mean Jaccard similarity between the word n-gram sets of each pair.
+    """Mean Jaccard similarity between the word n-gram sets of each pair (ngram_similarity_per_row)."""
+    scores = ngram_similarity_per_row(predictions, references, n)
+    return sum(scores) / len(scores)
+
+
+def ngram_similarity_per_row(predictions: list[str], references: list[str], n: int = 2) -> list[float]:
+    """Jaccard similarity between the word n-gram sets of each pair.
 
     For one pair with n-gram sets P (prediction) and R (reference):
         J(P, R) = |P ∩ R| / |P ∪ R|
     with J = 1.0 when both sets are empty (two equally "empty" texts agree)
-    and J = 0.0 when exactly one is empty.  The result is the arithmetic mean
-    of J over all pairs.  Tokens are lowercased ``\\w+`` matches (each CJK
-    character a token), so punctuation and whitespace differences are ignored.
+    and J = 0.0 when exactly one is empty.  Tokens are lowercased ``\\w+``
+    matches (each CJK character a token), so punctuation and whitespace
+    differences are ignored.
     """
     _check_pairs(predictions, references)
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    total = 0.0
+    scores = []
     for pred, ref in zip(predictions, references):
         p, r = _ngrams(pred, n), _ngrams(ref, n)
         union = p | r
-        total += len(p & r) / len(union) if union else 1.0
-    return total / len(predictions)
+        scores.append(len(p & r) / len(union) if union else 1.0)
+    return scores
 
 
 def text_generation_metrics(predictions: list[str], references: list[str]) -> dict:

@@ -51,20 +51,22 @@ def label_log_likelihoods(model, tokenizer, prompts: list[str], answers: list[st
 
 def classify(model, tokenizer, rows: list[dict], prompt_format: PromptFormat, labels: list[str], batch_size: int,
              desc: str = "scoring") -> list[dict]:
-    """Predictions for rows: {id, text, gold, predicted, scores (softmax over labels)}."""
+    """Predictions for rows: {id, text, gold, predicted, scores (softmax over labels), logits}."""
     prompts = [prompt_format.prompt(r["text"], r.get("context", "")) for r in rows]
     loglik = label_log_likelihoods(model, tokenizer, prompts, [prompt_format.answer(l) for l in labels],
                                    batch_size, desc)
-    return labelled_predictions(rows, labels, torch.softmax(loglik, dim=1))
+    return labelled_predictions(rows, labels, loglik)
 
 
-def labelled_predictions(rows: list[dict], labels: list[str], probs: torch.Tensor) -> list[dict]:
-    """{id, text, gold, predicted, scores} per row from its probability of each label (row i of probs)."""
+def labelled_predictions(rows: list[dict], labels: list[str], logits: torch.Tensor) -> list[dict]:
+    """{id, text, gold, predicted, scores, logits} per row from its logit of each label (row i of logits: a label
+    log-likelihood, or a classification head's output); scores are softmax(logits), which a run's temperature
+    (llmtune.tasks.classification) later rescales."""
     records = []
-    for row, row_probs in zip(rows, probs):
-        predicted, scores = label_choice(labels, row_probs)
+    for row, row_logits in zip(rows, logits):
+        predicted, scores = label_choice(labels, torch.softmax(row_logits, dim=0))
         records.append({"id": row["id"], "text": row["text"], "gold": row["label"], "predicted": predicted,
-                        "scores": scores})
+                        "scores": scores, "logits": {label: float(v) for label, v in zip(labels, row_logits)}})
     return records
 
 

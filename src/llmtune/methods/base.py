@@ -48,8 +48,10 @@ class Method(ABC):
         return task.lm_predictions(self.model, self.tokenizer, rows, prompt_format, eval_cfg, desc)
 
     def fit(self, task: Task, splits: dict, prompt_format: PromptFormat, trainer_cfg: DictConfig, seed: int,
-            new_trainer: Callable[[], L.Trainer], resume_from: Path | None = None) -> dict:
-        """Train (continuing from the checkpoint resume_from, when given); what was trained, for metrics.json."""
+            new_trainer: Callable[[], L.Trainer], resume_from: Path | None = None,
+            selection: "ModelSelection | None" = None) -> dict:  # noqa: F821
+        """Train (continuing from the checkpoint resume_from, when given), then put back the weights selection picks;
+        what was trained, for metrics.json."""
         return {"epochs": 0, "steps": 0, "tokens": 0, "tokens_per_s": 0.0, "resumed_from_step": None}
 
     def save(self, run_dir: Path) -> None:
@@ -76,11 +78,11 @@ class Method(ABC):
         """What the model reads for rows {text, context?}: each row's prompt."""
         return [prompt_format.prompt(r["text"], r.get("context", "")) for r in rows]
 
-    def label_probabilities(self, model, tokenizer, inputs: list[str], labels: list[str],
-                            prompt_format: PromptFormat, batch_size: int, desc: str) -> torch.Tensor:
-        """[len(inputs), len(labels)]: the softmax over the labels' log-likelihoods after each prompt."""
+    def label_logits(self, model, tokenizer, inputs: list[str], labels: list[str], prompt_format: PromptFormat,
+                     batch_size: int, desc: str) -> torch.Tensor:
+        """[len(inputs), len(labels)]: the labels' log-likelihoods after each prompt (softmax: the confidences)."""
         answers = [prompt_format.answer(label) for label in labels]
-        return torch.softmax(label_log_likelihoods(model, tokenizer, inputs, answers, batch_size, desc), dim=1)
+        return label_log_likelihoods(model, tokenizer, inputs, answers, batch_size, desc)
 
 
 class TrainedMethod(Method):
@@ -103,7 +105,8 @@ class TrainedMethod(Method):
     def loss(model, batch) -> "torch.Tensor":  # noqa: F821
         """The training loss of a batch."""
 
-    def fit(self, task, splits, prompt_format, trainer_cfg, seed, new_trainer, resume_from=None) -> dict:
+    def fit(self, task, splits, prompt_format, trainer_cfg, seed, new_trainer, resume_from=None,
+            selection=None) -> dict:
         train_loader, val_loader = self.loaders(task, splits, prompt_format, trainer_cfg, seed)
         module = FineTuner(self.model, optimizer=instantiate(self.settings.optimizer),
                            scheduler=instantiate(self.settings.scheduler), loss=self.loss)
@@ -114,7 +117,9 @@ class TrainedMethod(Method):
         trained_now = module.tokens_seen - module.tokens_restored  # this process's share, for its speed
         return {"epochs": trainer.current_epoch, "steps": trainer.global_step, "tokens": module.tokens_seen,
                 "tokens_per_s": trained_now / (time.perf_counter() - started),
-                "resumed_from_step": module.resumed_from_step}
+                "resumed_from_step": module.resumed_from_step,
+                "stopped_by": _stop_reason(trainer),
+                "selection": selection.restore(self.model) if selection else None}
 
     def save(self, run_dir: Path) -> None:
         """adapter/ (PeftModel.from_pretrained loads it), or with full_finetune the whole model/ with its tokenizer."""
@@ -128,6 +133,18 @@ class TrainedMethod(Method):
         from llmtune.models.lora import lora_settings
 
         return {"trained": True, "lora": None if self.full_finetune else lora_settings(model_cfg, self.settings)}
+
+
+def _stop_reason(trainer: L.Trainer) -> str:
+    """Why training ended: the step or epoch limit, early stopping, or the wall budget (trainer.max_time)."""
+    from lightning.pytorch.callbacks import EarlyStopping, Timer
+
+    for callback in trainer.callbacks:
+        if isinstance(callback, Timer) and callback.time_remaining() is not None and callback.time_remaining() <= 0:
+            return "max_time"
+        if isinstance(callback, EarlyStopping) and callback.wait_count >= callback.patience:
+            return "early_stopping"
+    return "limit"
 
 
 def print_trainable(model) -> None:

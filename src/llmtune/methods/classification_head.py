@@ -109,22 +109,22 @@ def head_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def classify_with_head(model, tokenizer, rows: list[dict], labels: list[str], batch_size: int, max_length: int,
                        desc: str = "scoring") -> list[dict]:
-    """Predictions for rows, as classify gives them: {id, text, gold, predicted, scores (softmax over labels)}."""
-    probs = head_probabilities(model, tokenizer, [r["text"] for r in rows], batch_size, max_length, desc)
-    return labelled_predictions(rows, labels, probs)
+    """Predictions for rows, as classify gives them: {id, text, gold, predicted, scores, logits}."""
+    logits = head_logits(model, tokenizer, [r["text"] for r in rows], batch_size, max_length, desc)
+    return labelled_predictions(rows, labels, logits)
 
 
 @torch.no_grad()
-def head_probabilities(model, tokenizer, texts: list[str], batch_size: int, max_length: int,
-                       desc: str = "scoring") -> torch.Tensor:
-    """[len(texts), number of labels]: the softmax of the head's logits for each text, cut at max_length tokens."""
+def head_logits(model, tokenizer, texts: list[str], batch_size: int, max_length: int, desc: str = "scoring"
+                ) -> torch.Tensor:
+    """[len(texts), number of labels]: the head's logits for each text (in fp32), cut at max_length tokens."""
     model.eval()
     ids = _token_ids(tokenizer, texts, max_length)
-    probs = torch.full((len(texts), model.config.num_labels), float("nan"))
+    logits = torch.full((len(texts), model.config.num_labels), float("nan"))
     for batch in length_sorted_batches([len(row_ids) for row_ids in ids], batch_size, desc):
         inputs = tokenizer.pad({"input_ids": [ids[i] for i in batch]}, return_tensors="pt").to(model.device)
-        probs[batch] = torch.softmax(model(**inputs).logits.float(), dim=-1).cpu()
-    return probs
+        logits[batch] = model(**inputs).logits.float().cpu()
+    return logits
 
 
 class ClassificationHead(TrainedMethod):
@@ -180,8 +180,8 @@ class ClassificationHead(TrainedMethod):
     def model_inputs(self, rows, prompt_format) -> list[str]:
         return [r["text"] for r in rows]  # the raw text, as trained: no prompt, no context
 
-    def label_probabilities(self, model, tokenizer, inputs, labels, prompt_format, batch_size, desc):
-        return head_probabilities(model, tokenizer, inputs, batch_size, self.max_length, desc)
+    def label_logits(self, model, tokenizer, inputs, labels, prompt_format, batch_size, desc):
+        return head_logits(model, tokenizer, inputs, batch_size, self.max_length, desc)
 
 
 @contextmanager

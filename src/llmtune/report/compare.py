@@ -21,6 +21,8 @@ from llmtune.report.significance import discordant_counts, mcnemar_exact, mcnema
 from llmtune.tracking import FINAL_METRICS
 
 SIGNIFICANCE_LEVEL = 0.05
+# The ranking metric's 95% bootstrap interval (each run's own, over its test rows)
+INTERVAL_COLUMNS = ("interval_low", "interval_high")
 CONSOLE_ROWS = 20
 
 
@@ -66,8 +68,8 @@ def main(argv: list[str]) -> None:
     groups = config_groups(ranked, factors, metric)
     runs_by_name = {run.name: run for run in runs}
 
-    csv_columns = ["run", "status", *varying, *FINAL_METRICS, "mcnemar_p_base_vs_tuned", "train_tokens_per_s",
-                   "total_s", "error"]
+    csv_columns = ["run", "status", *varying, *FINAL_METRICS, *INTERVAL_COLUMNS, "mcnemar_p_base_vs_tuned",
+                   "train_tokens_per_s", "total_s", "error"]
     write_atomic(out_dir / "results.csv", table[csv_columns].to_csv(index=False))
     lines = header(root, table, metric, shown, follows, names)
     lines += ranking_section(ranked, shown, names, metric)
@@ -157,6 +159,7 @@ def runs_table(runs: list[Run], keys: list[str], metric: str) -> pd.DataFrame:
         rows.append({
             "run": run.name, "status": run.status, **{key: run.config.get(key) for key in keys},
             **{name: run.metrics.get(name) for name in FINAL_METRICS},
+            **dict(zip(INTERVAL_COLUMNS, interval_of(run.summary, metric))),
             "mcnemar_p_base_vs_tuned": mcnemar_p(run.tuned_correct, run.base_correct) if both_scored else None,
             "train_tokens_per_s": run.summary.get("train", {}).get("tokens_per_s"),
             "total_s": run.summary.get("timing_s", {}).get("total"),
@@ -168,6 +171,19 @@ def runs_table(runs: list[Run], keys: list[str], metric: str) -> pd.DataFrame:
     order = table["status"].ne("completed") | table[metric].isna()
     return table.assign(_later=order).sort_values(["_later", metric], ascending=[True, False], kind="stable",
                                                   na_position="last").drop(columns="_later").reset_index(drop=True)
+
+
+def interval_of(summary: dict, metric: str) -> tuple[float | None, float | None]:
+    """The 95% bootstrap interval the run wrote for metric (test/x: the tuned model's, val/x, base/test_x)."""
+    prefix, name = metric.split("/")
+    part = {"test": "tuned", "val": "val", "base": "base"}[prefix]
+    interval = ((summary.get("results") or {}).get(part) or {}).get("intervals", {}).get(name.removeprefix("test_"))
+    return tuple(interval) if interval else (None, None)
+
+
+def format_with_interval(row: pd.Series, metric: str) -> str:
+    low, high = row[INTERVAL_COLUMNS[0]], row[INTERVAL_COLUMNS[1]]
+    return format_metric(row[metric]) + ("" if pd.isna(low) else f" [{low:.3f}, {high:.3f}]")
 
 
 def config_groups(ranked: pd.DataFrame, keys: list[str], metric: str) -> pd.DataFrame:
@@ -223,8 +239,9 @@ def header(root: Path, table: pd.DataFrame, metric: str, shown: list[str], follo
 
 def ranking_section(ranked: pd.DataFrame, shown: list[str], names: dict[str, str], metric: str) -> list[str]:
     companions = companion_metrics(metric)
-    columns = ["#", "run", *(names[key] for key in shown), metric, *companions, "McNemar p (base vs tuned)"]
-    rows = [[rank, row["run"], *(params.format_value(row[key]) for key in shown), format_metric(row[metric]),
+    columns = ["#", "run", *(names[key] for key in shown), f"{metric} [95% interval]", *companions,
+               "McNemar p (base vs tuned)"]
+    rows = [[rank, row["run"], *(params.format_value(row[key]) for key in shown), format_with_interval(row, metric),
              *(format_metric(row[name]) for name in companions), format_p(row["mcnemar_p_base_vs_tuned"])]
             for rank, (_, row) in enumerate(ranked.iterrows(), start=1)]
     return [f"## Runs ranked by {metric}", ""] + (markdown_table(columns, rows) if rows else ["No completed run.", ""])
@@ -345,7 +362,8 @@ def print_ranking(ranked: pd.DataFrame, shown: list[str], names: dict[str, str],
     for column in [metric, *companions]:
         table.add_column(column, justify="right")
     for rank, (_, row) in enumerate(ranked.head(CONSOLE_ROWS).iterrows(), start=1):
-        table.add_row(str(rank), row["run"], params.describe(row, shown, names) or "-", format_metric(row[metric]),
+        table.add_row(str(rank), row["run"], params.describe(row, shown, names) or "-",
+                      format_with_interval(row, metric),
                       *(format_metric(row[name]) for name in companions))
     console = Console()
     console.print(table)

@@ -67,6 +67,14 @@ class Task(ABC):
         if cap is not None:
             self.data_counts["truncated"] = {"max_input_tokens": cap, "side": side, **cut}
 
+    def fit_calibration(self, val_predictions: list[dict] | None) -> dict | None:
+        """What calibrate() needs, fitted on the validation predictions (for metrics.json); None: nothing to fit."""
+        return None
+
+    def calibrate(self, predictions: list[dict], calibration: dict | None) -> list[dict]:
+        """predictions with their confidences calibrated; as they are where there is nothing to calibrate."""
+        return predictions
+
     def add_context(self, splits: dict[str, list[dict]], retriever_cfg: DictConfig, cache_dir: str | Path) -> dict:
         """rag=true: retrieved context in every row of every split (a training row never retrieves itself)."""
         add, settings = self.retriever(retriever_cfg, splits["train"], cache_dir)

@@ -11,8 +11,8 @@ from llmtune.console import Every, clock
 
 class PlainProgress(L.Callback):
     """A line at most every `every_s` seconds of training and one at each epoch's end: epoch, optimizer step / total
-    steps, mean training loss since the previous line (at an epoch's end also the validation loss), training tokens/s
-    (validation time left out), ETA."""
+    steps, mean training loss since the previous line (at an epoch's end also the validation loss and metrics),
+    training tokens/s (validation time left out), ETA."""
 
     def __init__(self, every_s: float = 30):
         self.every_s = every_s
@@ -36,18 +36,19 @@ class PlainProgress(L.Callback):
             self.validating_s += time.monotonic() - self.validation_started
 
     def on_train_epoch_end(self, trainer, pl_module):
-        self._print(trainer, pl_module, trainer.callback_metrics.get("val/loss"))
+        metrics = trainer.callback_metrics
+        self._print(trainer, pl_module, {name[4:]: value for name, value in metrics.items() if name.startswith("val/")})
         self.due = Every(self.every_s)  # the next periodic line comes every_s after this one
 
-    def _print(self, trainer, pl_module, val_loss=None) -> None:
+    def _print(self, trainer, pl_module, validation: dict | None = None) -> None:
         training_s = time.monotonic() - self.started - self.validating_s
         step, total = trainer.global_step, trainer.estimated_stepping_batches  # total: inf for a loader without len
         epochs = f"/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0 else ""
         parts = [f"epoch {trainer.current_epoch + 1}{epochs}", f"step {step}{'' if math.isinf(total) else f'/{total}'}"]
         if self.losses:
             parts.append(f"loss {sum(self.losses) / len(self.losses):.4f}")
-        if val_loss is not None:
-            parts.append(f"val loss {float(val_loss):.4f}")
+        for name, value in (validation or {}).items():  # val loss, and the task's metric (training.selection)
+            parts.append(f"val {name} {float(value):.4f}")
         tokens = self._tokens(pl_module)
         if tokens is not None and training_s > 0:
             parts.append(f"{(tokens - self.tokens_at_start) / training_s:.0f} tokens/s")

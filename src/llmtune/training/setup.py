@@ -14,9 +14,12 @@ from llmtune.data.batching import LengthPoolBatchSampler, PackedBatchSampler, Pa
 from llmtune.data.prompts import PromptFormat, encode_example, pack_batch, pad_batch, split_shared_prefix
 from llmtune.training.checkpoints import AtomicCheckpointIO
 from llmtune.training.progress import PlainProgress
+from llmtune.training.selection import SELECTION_KEYS
 
-# trainer/ keys that shape the loaders; every other trainer/ key goes to L.Trainer as it is.
+# trainer/ keys that shape the loaders, and those of model selection; every other trainer/ key goes to L.Trainer as it
+# is.
 LOADER_KEYS = ("batch_size", "length_pool_batches", "share_prefix", "packing")
+OWN_KEYS = LOADER_KEYS + SELECTION_KEYS
 
 
 def encode_rows(rows: list[dict], tokenizer, prompt_format: PromptFormat, loss_on: str,
@@ -49,7 +52,7 @@ def make_loaders(train: list[dict], val: list[dict], trainer_cfg: DictConfig, pa
 
 
 def make_trainer(trainer_cfg: DictConfig, run_dir: Path, logger, callbacks: list, **overrides) -> L.Trainer:
-    settings = {k: v for k, v in OmegaConf.to_container(trainer_cfg, resolve=True).items() if k not in LOADER_KEYS}
+    settings = {k: v for k, v in OmegaConf.to_container(trainer_cfg, resolve=True).items() if k not in OWN_KEYS}
     settings.update(overrides)
     if settings.get("enable_progress_bar", True) and not sys.stdout.isatty():
         # Lightning's bar redraws one line, which a log file gets only when the epoch ends: plain lines instead.
