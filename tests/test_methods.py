@@ -172,3 +172,46 @@ def test_every_experiment_file_is_tested():
 
     files = {p.stem for p in (Path(__file__).parents[1] / "conf" / "experiment").glob("*.yaml")}
     assert files == set(EXPERIMENTS)
+
+
+def test_dora_and_rslora_are_pefts_own_and_reload(tiny_model_dir, tmp_path, cache_dir):
+    from safetensors import safe_open
+
+    cfg, summary, predictions = run_job(["method.lora.use_dora=true", "method.lora.use_rslora=true",
+                                         "method.optimizer.lr=1e-2"], tiny_model_dir, tmp_path / "d", cache_dir)
+    adapter = tmp_path / "d" / "adapter"
+    saved = json.loads((adapter / "adapter_config.json").read_text())
+    assert saved["use_dora"] is True and saved["use_rslora"] is True
+    with safe_open(adapter / "adapter_model.safetensors", "pt") as weights:
+        assert any("lora_magnitude_vector" in key for key in weights.keys())  # DoRA's learned magnitudes
+    tokenizer, base = load_base_model(str(tiny_model_dir), cfg.model, None)
+    reloaded = PeftModel.from_pretrained(base, adapter)
+    # rsLoRA: lora_alpha / sqrt(r), not lora_alpha / r
+    assert reloaded.base_model.model.model.layers[0].self_attn.q_proj.scaling["default"] == pytest.approx(
+        cfg.method.lora.lora_alpha / cfg.method.lora.r ** 0.5)
+    rows = task_of(cfg).load_splits(cfg.seed)["test"]
+    again = classify(reloaded, tokenizer, rows, PromptFormat.from_config(cfg.model, cfg.dataset, tokenizer),
+                     task_of(cfg).labels, 16, "rescoring")
+    assert [p["predicted"] for p in again] == [p["predicted"] for p in predictions]
+
+
+def test_full_finetune_of_an_instruct_run_saves_a_causal_lm_that_plain_transformers_reloads(tiny_model_dir, tmp_path,
+                                                                                         cache_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg, summary, predictions = run_job(["method.full_finetune=true", "method.optimizer.lr=1e-3"], tiny_model_dir,
+                                        tmp_path / "full", cache_dir)
+    model_dir = tmp_path / "full" / "model"
+    assert summary["run"]["lora"] is None and not (tmp_path / "full" / "adapter").exists()
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    original = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    moved = [name for name, weight in model.state_dict().items()
+             if not torch.equal(weight, original.state_dict()[name])]
+    assert any("embed_tokens" in name for name in moved) and any("mlp" in name for name in moved)  # every weight
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    rows = task_of(cfg).load_splits(cfg.seed)["test"]
+    again = classify(model, tokenizer, rows, PromptFormat.from_config(cfg.model, cfg.dataset, tokenizer),
+                     task_of(cfg).labels, 16, "rescoring")
+    assert [p["predicted"] for p in again] == [p["predicted"] for p in predictions]
+    for before, after in zip(predictions, again):
+        assert after["logits"] == pytest.approx(before["logits"], abs=1e-3)
