@@ -37,12 +37,16 @@ def test_spec_names_real_config_keys_with_values_of_their_type(path):
         default = OmegaConf.select(cfg, parameter.name, default=KeyError)
         assert default is not KeyError, f"{parameter.name} is not a key of the composed config"
         distribution = parameter.distribution
-        if isinstance(distribution, CategoricalDistribution):
+        if distribution is None:  # a fixed value
+            candidates = [parameter.value]
+        elif isinstance(distribution, CategoricalDistribution):
             candidates = list(distribution.choices)
         else:
             candidates = [distribution.low, distribution.high]
         for value in candidates:  # a bool is an int in Python, and YAML's 1e-4 is a str: both would be wrong
-            if isinstance(default, int):
+            if isinstance(default, str):
+                assert type(value) is str, (parameter.name, value)
+            elif isinstance(default, int):
                 assert type(value) is int and value > 0, (parameter.name, value)
             elif isinstance(default, float):
                 assert type(value) in (int, float) and 0 < value < 1, (parameter.name, value)
