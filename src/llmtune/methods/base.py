@@ -9,6 +9,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import EarlyStopping, Timer
 from omegaconf import DictConfig, OmegaConf
 
 from llmtune.data.prompts import PromptFormat
@@ -137,8 +138,6 @@ class TrainedMethod(Method):
 
 def _stop_reason(trainer: L.Trainer) -> str:
     """Why training ended: the step or epoch limit, early stopping, or the wall budget (trainer.max_time)."""
-    from lightning.pytorch.callbacks import EarlyStopping, Timer
-
     for callback in trainer.callbacks:
         if isinstance(callback, Timer) and callback.time_remaining() is not None and callback.time_remaining() <= 0:
             return "max_time"
