@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from llmtune.config import CONFIG_DIR, check_overrides, check_values, register_resolvers
 from llmtune.console import quiet_libraries
 from llmtune.errors import UserError, report_user_errors
+from llmtune.training.distributed import relaunched_argv
 
 quiet_libraries()  # library deprecation noise filtered for the whole process, before anything imports them
 register_resolvers()
@@ -70,7 +71,8 @@ Config groups (group=option):"""
 
 
 def main() -> None:
-    argv = sys.argv[1:]
+    # A rank that Lightning started on this machine runs the job that started it (training.distributed).
+    argv = relaunched_argv(sys.argv[1:])
     first = argv[0] if argv else ""
     if first in COMMANDS:
         import importlib

@@ -32,9 +32,21 @@ def register_resolvers() -> None:
     if not OmegaConf.has_resolver("llmtune_resource"):
         OmegaConf.register_new_resolver("llmtune_resource", resource_path)
     if not OmegaConf.has_resolver("llmtune_run_id"):
-        OmegaConf.register_new_resolver("llmtune_run_id", lambda: RUN_ID)
+        # Cached like Hydra's ${now:}: Hydra copies a config's resolver cache into each job's config, so a job that
+        # the submitit launcher runs in another process puts its folder in the sweep folder the launcher made.
+        OmegaConf.register_new_resolver("llmtune_run_id", lambda: RUN_ID, use_cache=True)
     if not OmegaConf.has_resolver("llmtune_config_path"):
         OmegaConf.register_new_resolver("llmtune_config_path", user_search_path)
+    if not OmegaConf.has_resolver("llmtune_precision"):
+        OmegaConf.register_new_resolver("llmtune_precision", default_precision)
+
+
+def default_precision() -> str:
+    """trainer.precision unless set: bf16 autocast on a CUDA GPU that has bf16 (Ampere and later), full fp32 on a CPU
+    (where the frozen base is already bf16 and autocast would cast the fp32 LoRA matmuls for no gain)."""
+    import torch
+
+    return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
 
 
 def user_config_dirs() -> list[Path]:
@@ -77,22 +89,32 @@ def trainer_problems(trainer_cfg: DictConfig, build: bool = True) -> list[str]:
     lacks) is one line now, not a traceback once the model has loaded and the base model was scored."""
     import lightning as L
 
-    from llmtune.training.setup import OWN_KEYS
+    from llmtune.training.setup import OWN_KEYS, trainer_settings
 
     accepted = [*inspect.signature(L.Trainer.__init__).parameters, *OWN_KEYS]
     problems = [f"trainer.{key} is not a setting of lightning's Trainer or of llmtune's loaders and model selection"
                 f"{_did_you_mean(key, accepted, 'trainer.')}" for key in trainer_cfg if key not in accepted]
     if problems or not build:
         return problems
-    settings = {k: v for k, v in OmegaConf.to_container(trainer_cfg, resolve=True).items() if k not in OWN_KEYS}
     try:
         with _quiet_lightning():
-            L.Trainer(**{**settings, "logger": False, "enable_checkpointing": False, "enable_progress_bar": False})
+            trainer = L.Trainer(**{**trainer_settings(trainer_cfg), "logger": False, "enable_checkpointing": False,
+                                   "enable_progress_bar": False})
+        sharded = type(trainer.strategy).__name__
+        if sharded.endswith(("FSDP", "FSDPStrategy", "DeepSpeedStrategy")) and trainer.accelerator.__class__.__name__ \
+                != "CUDAAccelerator":  # Lightning checks this for a strategy's name, not for a strategy object
+            raise ValueError(f"{sharded} shards the model across CUDA GPUs, and this run has none "
+                             f"({type(trainer.accelerator).__name__}); trainer=ddp runs on CPUs")
     except Exception as error:  # ValueError, TypeError, MisconfigurationException: Lightning's own wording
-        shown = ", ".join(f"trainer.{key}={settings[key]}" for key in ("accelerator", "devices", "precision")
-                          if key in settings)
+        error = error.__cause__ or error  # a strategy node's own refusal, not Hydra's wrapping of it
+        strategy = trainer_cfg.get("strategy")
+        shown = ", ".join([f"trainer.{key}={trainer_cfg[key]}" for key in ("accelerator", "devices", "precision")
+                           if key in trainer_cfg] +
+                          [f"trainer.strategy={strategy.get('_target_', strategy) if isinstance(strategy, DictConfig) else strategy}"]
+                          * (strategy not in (None, "auto")))
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        problems.append(f"lightning's Trainer refuses the trainer settings ({shown}): {reason}")
+        problems.append(f"lightning's Trainer refuses the trainer settings ({shown}): {reason}; change them, or run "
+                        "on a machine that has what they ask for (gpu, fsdp and deepspeed need CUDA GPUs)")
     return problems
 
 

@@ -30,7 +30,10 @@ def run_job(cfg: DictConfig) -> float | None:
     quiet_libraries()  # Hydra has set up logging by now: Lightning's records go through its handlers, once
     # Heavy imports (torch, transformers) only when a job really runs.
     from llmtune.run import run
+    from llmtune.training.distributed import is_rank_zero, one_job
 
+    if not is_rank_zero():  # another rank of a distributed run: it trains its shard, rank 0 owns the run folder
+        return run(cfg)
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     check_same_run(run_dir, public_config(cfg))  # a rerun into a run folder continues that run, never another
@@ -39,7 +42,8 @@ def run_job(cfg: DictConfig) -> float | None:
     _mask_secrets_in_hydra_files(cfg, run_dir)
     try:
         write_atomic(run_dir / "config.yaml", yaml.safe_dump(public_config(cfg), sort_keys=False))
-        value = run(cfg)
+        with one_job(_job_overrides(), str(run_dir.resolve())):
+            value = run(cfg)
     except Exception as error:
         if isinstance(error, OSError) and error.errno == errno.ENOSPC:  # the machine's problem, not a bug: one line
             error = UserError(f"no space left on the device of {run_dir} ({error.filename or 'writing outputs'}): "
@@ -85,6 +89,11 @@ def _mask_secrets_in_hydra_files(cfg: DictConfig, run_dir: Path) -> None:
             text = path.read_text(encoding="utf-8")
             if mask_secrets(text, secrets) != text:
                 write_atomic(path, mask_secrets(text, secrets))
+
+
+def _job_overrides() -> list[str]:
+    """This job's own command-line overrides (in a multirun: its point of the grid)."""
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
 def _in_multirun() -> bool:

@@ -17,12 +17,13 @@ from llmtune.models.loader import prepare_model_dir
 from llmtune.run_outputs import write_run
 from llmtune.run_state import cached, last_checkpoint
 from llmtune.tracking import final_metrics, public_config
+from llmtune.training.distributed import describe_split, is_rank_zero
 from llmtune.training.selection import ModelSelection, score
 from llmtune.training.setup import instantiate_each, make_trainer
 from llmtune.training.timing import Stopwatch
 
 
-def run(cfg: DictConfig) -> float:
+def run(cfg: DictConfig) -> float | None:
     clock = Stopwatch()
     task, method = build_components(cfg)  # every config problem is one line here, before any model loads
     run_dir = Path(cfg.paths.output_dir)
@@ -30,6 +31,7 @@ def run(cfg: DictConfig) -> float:
 
     # Data: the task's rows, split as the data gives it or drawn with the seed (read before any model loads).
     splits = task.load_splits(cfg.seed)
+    describe_split(splits)  # its digest in the log: every rank of a distributed run draws the same split
 
     # Model: local files (converted once from GGUF, built, or from the HF cache) -> the method's model. Texts are cut
     # to dataset.max_input_tokens of its tokens; rag=true then puts retrieved context (document chunks for Q&A, the
@@ -43,9 +45,9 @@ def run(cfg: DictConfig) -> float:
     clock.lap("prepare")
 
     # Base: the untuned model, zero-shot (a new classification head has no untuned answer: None); kept on disk, so a
-    # resumed run does not score it again.
+    # resumed run does not score it again. Scored by rank 0 alone, as is everything after training.
     base = cached(run_dir / "base_predictions.jsonl", lambda: method.base_predictions(
-        task, splits["test"], zero_shot, cfg.eval)) if cfg.eval.baseline else None
+        task, splits["test"], zero_shot, cfg.eval)) if cfg.eval.baseline and is_rank_zero() else None
     clock.lap("eval_base")
 
     # Train, scoring the validation rows by the task's metric at each validation; trainer.select=best then puts back
@@ -60,6 +62,8 @@ def run(cfg: DictConfig) -> float:
     training = method.fit(task, splits, prompts, cfg.trainer, cfg.seed, new_trainer, last_checkpoint(run_dir),
                           selection)
     clock.lap("train")
+    if not is_rank_zero():  # the other ranks of trainer=ddp trained their shard of every epoch; their work is done
+        return None
 
     # The method's model on val (what sweeps optimise: tuning on test would flatter it) and on test; temperature
     # scaling fitted on val (classification) rescales the confidences, never the predicted labels.

@@ -6,6 +6,8 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from llmtune.training.distributed import shard
+
 
 class ResumableLoader(DataLoader):
     """A training loader whose place in the epoch goes into every checkpoint: Lightning saves and restores the state of
@@ -22,7 +24,12 @@ class ResumableLoader(DataLoader):
 
 class EpochPosition:
     """How far into which epoch a batch sampler has handed out batches; a restored position makes the next draw of
-    that same epoch skip the batches handed out before (a later epoch is drawn whole)."""
+    that same epoch skip the batches handed out before (a later epoch is drawn whole).
+
+    Under several processes (trainer=ddp) every rank draws the same epoch and takes every world-size-th batch from
+    its rank on; the last few batches that would leave the ranks unequal are left out of that epoch (each rank must
+    step as often as the others). The position counts this rank's batches, equal on every rank, so the checkpoint
+    rank 0 writes puts every rank back in its place."""
 
     position: tuple[int, int] = (0, 0)  # (epoch, batches handed out in it)
     resume_at: tuple[int, int] | None = None
@@ -34,6 +41,8 @@ class EpochPosition:
         self.resume_at = (state["epoch"], state["batches"])
 
     def hand_out(self, epoch: int, batches: list) -> Iterator:
+        rank, world = shard()
+        batches = batches[rank:len(batches) - len(batches) % world:world]
         done = self.resume_at[1] if self.resume_at and self.resume_at[0] == epoch else 0
         self.resume_at, self.position = None, (epoch, done)
         for number, batch in enumerate(batches[done:], start=done + 1):
@@ -76,7 +85,7 @@ class LengthPoolBatchSampler(EpochPosition, Sampler[list[int]]):
 
     def __len__(self) -> int:
         full, rest = divmod(len(self.lengths), self.pool)
-        return full * math.ceil(self.pool / self.batch_size) + math.ceil(rest / self.batch_size)
+        return (full * math.ceil(self.pool / self.batch_size) + math.ceil(rest / self.batch_size)) // shard()[1]
 
 
 class PackedBatchSampler(EpochPosition, Sampler[list[tuple[int, ...]]]):
@@ -124,7 +133,7 @@ class PackedBatchSampler(EpochPosition, Sampler[list[tuple[int, ...]]]):
     def __len__(self) -> int:
         # The pack count does not depend on the shuffle's ties enough to matter for Lightning's progress and
         # schedule; count it once with the first epoch's seed.
-        return math.ceil(len(self.packs(torch.Generator().manual_seed(self.seed))) / self.batch_size)
+        return math.ceil(len(self.packs(torch.Generator().manual_seed(self.seed))) / self.batch_size) // shard()[1]
 
 
 class Packs:

@@ -115,8 +115,9 @@ class TrainedMethod(Method):
         # Lightning restores the adapter, optimizer, scheduler, epoch and step; the samplers draw each epoch's order
         # from (seed, epoch), so the continued run sees the batches the uninterrupted one would have.
         trainer.fit(module, train_loader, val_loader, ckpt_path=resume_from)
-        trained_now = module.tokens_seen - module.tokens_restored  # this process's share, for its speed
+        trained_now = module.tokens_seen - module.tokens_restored  # by this run, not the run it resumed
         return {"epochs": trainer.current_epoch, "steps": trainer.global_step, "tokens": module.tokens_seen,
+                "processes": trainer.world_size, "strategy": type(trainer.strategy).__name__,
                 "tokens_per_s": trained_now / (time.perf_counter() - started),
                 "resumed_from_step": module.resumed_from_step,
                 "stopped_by": _stop_reason(trainer),

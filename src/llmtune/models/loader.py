@@ -39,6 +39,21 @@ def as_plain_tensors(model):
     return model
 
 
+def attention_implementation(model_cfg: DictConfig) -> dict:
+    """model.attn_implementation, or with `auto` (the default) FlashAttention 2 on a CUDA GPU where the flash_attn
+    package is installed and the weights are 16-bit: its variable-length kernel is what packed rows
+    (trainer.packing: position ids restarting per row) then run through, with no padding and no block mask.
+    Elsewhere transformers' own default (SDPA)."""
+    choice = model_cfg.get("attn_implementation", "auto")
+    if choice != "auto":
+        return {"attn_implementation": choice}
+    import importlib.util
+
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") and model_cfg.dtype != "float32":
+        return {"attn_implementation": "flash_attention_2"}
+    return {}
+
+
 def load_base_model(model_dir: str, model_cfg: DictConfig, quantization: DictConfig | None = None):
     """Tokenizer and base model in the configured dtype (or quantised by bitsandbytes, e.g. 4-bit NF4 for QLoRA);
     safetensors only, remote code only when configured."""
@@ -50,7 +65,8 @@ def load_base_model(model_dir: str, model_cfg: DictConfig, quantization: DictCon
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=common["trust_remote_code"])
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, model_cfg.dtype),
-                                                     use_safetensors=True, **common)
+                                                     use_safetensors=True, **common,
+                                                     **attention_implementation(model_cfg))
     except (OSError, ValueError) as error:  # missing files, .bin-only weights, remote code not allowed, ...
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"could not load model '{model_cfg.name}' from {model_dir}: {first_line[:300]}") from None

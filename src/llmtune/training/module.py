@@ -69,12 +69,17 @@ class FineTuner(L.LightningModule):
     def training_step(self, batch, batch_idx):
         loss = self.loss(self.model, batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["input_ids"]))
-        self.tokens_seen += batch_tokens(batch)
+        # Counted over every rank (a sum over the process group; one process: its own count), so tokens/s and a
+        # resumed run's count are the run's, not one rank's.
+        self.tokens_seen += int(self.trainer.strategy.reduce(
+            torch.tensor(batch_tokens(batch), device=self.device), reduce_op="sum"))
         return loss
 
     def validation_step(self, batch, batch_idx):
         loss = self.loss(self.model, batch)
-        self.log("val/loss", loss, prog_bar=True, batch_size=len(batch["input_ids"]))
+        # Every rank scores all validation rows (trainer.use_distributed_sampler=false): the mean over ranks is the
+        # one-process value, and sync_dist keeps Lightning's callbacks on every rank agreeing on it.
+        self.log("val/loss", loss, prog_bar=True, batch_size=len(batch["input_ids"]), sync_dist=True)
 
     def configure_optimizers(self):
         optimizer = self.make_optimizer([p for p in self.model.parameters() if p.requires_grad])

@@ -41,6 +41,8 @@ class PlainProgress(L.Callback):
         self.due = Every(self.every_s)  # the next periodic line comes every_s after this one
 
     def _print(self, trainer, pl_module, validation: dict | None = None) -> None:
+        if not trainer.is_global_zero:  # one line per step of the run, not one per rank
+            return
         training_s = time.monotonic() - self.started - self.validating_s
         step, total = trainer.global_step, trainer.estimated_stepping_batches  # total: inf for a loader without len
         epochs = f"/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0 else ""

@@ -27,7 +27,7 @@ class ValidationScore(L.Callback):
             return
         metrics = self.score()
         pl_module.log_dict({f"val/{name}": float(metrics[name]) for name in self.names
-                            if metrics.get(name) is not None})
+                            if metrics.get(name) is not None}, sync_dist=True)  # equal on every rank: all score all
 
 
 class ModelSelection:

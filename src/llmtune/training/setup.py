@@ -6,6 +6,7 @@ from functools import partial
 from pathlib import Path
 
 import lightning as L
+import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
@@ -18,6 +19,8 @@ from llmtune.training.selection import SELECTION_KEYS
 
 # trainer/ keys that shape the loaders, and those of model selection; every other trainer/ key goes to L.Trainer as it
 # is.
+# Batches in page-locked memory copy to a CUDA GPU asynchronously; on a CPU there is nothing to copy to.
+PIN = torch.cuda.is_available()
 LOADER_KEYS = ("batch_size", "length_pool_batches", "share_prefix", "packing")
 OWN_KEYS = LOADER_KEYS + SELECTION_KEYS
 
@@ -38,12 +41,12 @@ def make_loaders(train: list[dict], val: list[dict], trainer_cfg: DictConfig, pa
     packed: val/loss stays comparable across settings."""
     def loader(examples, kind=DataLoader, **options):
         prefix, rest = split_shared_prefix(examples) if trainer_cfg.share_prefix else ([], examples)
-        return kind(rest, collate_fn=partial(pad_batch, pad_id=pad_id, prefix_ids=prefix), **options)
+        return kind(rest, collate_fn=partial(pad_batch, pad_id=pad_id, prefix_ids=prefix), pin_memory=PIN, **options)
 
     lengths = [len(e["input_ids"]) for e in train]
     if trainer_cfg.packing:  # rows end to end in sequences of up to `packing` tokens; batch_size counts those
         batches = PackedBatchSampler(lengths, trainer_cfg.batch_size, trainer_cfg.packing, seed)
-        train_loader = ResumableLoader(Packs(train), batch_sampler=batches,
+        train_loader = ResumableLoader(Packs(train), batch_sampler=batches, pin_memory=PIN,
                                        collate_fn=partial(pack_batch, pad_id=pad_id))
     else:
         batches = LengthPoolBatchSampler(lengths, trainer_cfg.batch_size, trainer_cfg.length_pool_batches, seed)
@@ -51,9 +54,19 @@ def make_loaders(train: list[dict], val: list[dict], trainer_cfg: DictConfig, pa
     return train_loader, loader(val, batch_size=trainer_cfg.batch_size) if val else None
 
 
-def make_trainer(trainer_cfg: DictConfig, run_dir: Path, logger, callbacks: list, **overrides) -> L.Trainer:
+def trainer_settings(trainer_cfg: DictConfig) -> dict:
+    """L.Trainer's keyword arguments from trainer/: llmtune's own keys left out, a strategy given as a `_target_` node
+    (conf/trainer/ddp.yaml) instantiated."""
+    from hydra.utils import instantiate
+
     settings = {k: v for k, v in OmegaConf.to_container(trainer_cfg, resolve=True).items() if k not in OWN_KEYS}
-    settings.update(overrides)
+    if isinstance(settings.get("strategy"), dict):
+        settings["strategy"] = instantiate(settings["strategy"])
+    return settings
+
+
+def make_trainer(trainer_cfg: DictConfig, run_dir: Path, logger, callbacks: list, **overrides) -> L.Trainer:
+    settings = {**trainer_settings(trainer_cfg), **overrides}
     if settings.get("enable_progress_bar", True) and not sys.stdout.isatty():
         # Lightning's bar redraws one line, which a log file gets only when the epoch ends: plain lines instead.
         settings["enable_progress_bar"] = False

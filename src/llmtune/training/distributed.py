@@ -1,0 +1,96 @@
+"""Several processes, one run: Lightning's strategies (trainer=ddp|fsdp|deepspeed_zero2|deepspeed_zero3) train, and
+this module keeps the run one run.
+
+- Rank 0 owns the run folder: it scores, writes every output and logs; the other ranks train their shard and stop.
+- On one machine Lightning starts the other ranks by running the command line again (its subprocess launcher). A
+  Hydra multirun or a resumed run would then start a whole grid, or another folder, in each of them: before fit the
+  parent puts its own job's overrides and run folder in the environment (LLMTUNE_DISTRIBUTED_JOB), and `relaunched_argv`
+  makes each child that one job, in that folder.
+- On a cluster (SLURM: srun, or Hydra's submitit launcher with tasks_per_node = devices) every rank is started by the
+  scheduler and Lightning reads its rank from the environment; the launcher gives all of them the same run folder.
+"""
+
+import json
+import logging
+import os
+from contextlib import contextmanager
+
+log = logging.getLogger(__name__)
+
+JOB_VARIABLE = "LLMTUNE_DISTRIBUTED_JOB"
+
+
+def global_rank() -> int:
+    """This process's rank in the run, from the environment a launcher sets (Lightning's rule: RANK, LOCAL_RANK,
+    SLURM_PROCID), 0 for a run of one process."""
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0)
+
+
+def is_rank_zero() -> bool:
+    return global_rank() == 0
+
+
+def shard() -> tuple[int, int]:
+    """(rank, world size) of the running process group; (0, 1) outside one. Read when batches are drawn: the group
+    exists once Lightning's strategy has set up, after the loaders were made."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def share_job_with_children(overrides: list[str], run_dir: str) -> None:
+    """What a rank Lightning starts on this machine must run: this job's overrides, into this run folder."""
+    os.environ[JOB_VARIABLE] = json.dumps({"overrides": list(overrides), "run_dir": str(run_dir)})
+
+
+def relaunched_argv(argv: list[str]) -> list[str]:
+    """A child rank's command line: the parent job's own overrides into its run folder, without writing a second
+    .hydra/ there, whatever the command line Lightning copied (-m and a grid, resume=...) says."""
+    job = os.environ.get(JOB_VARIABLE)
+    if not job or "LOCAL_RANK" not in os.environ or os.environ["LOCAL_RANK"] == "0":
+        return argv
+    job = json.loads(job)
+    rank = os.environ["LOCAL_RANK"]
+    return [*job["overrides"], f"hydra.run.dir={json.dumps(job['run_dir'])}", f"hydra.job.name=rank_{rank}",
+            "hydra.output_subdir=null"]
+
+
+def describe_split(splits: dict) -> None:
+    """One log line per rank: the split every rank drew (a digest of its rows, equal on every rank) and the size of
+    this rank's share; the batch logs of the ranks then show they trained on one split."""
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps({name: [row.get("text") for row in rows] for name, rows in splits.items()},
+                                       sort_keys=True, default=str).encode()).hexdigest()[:12]
+    log.info("rank %d: data split %s (%s)", global_rank(), digest,
+             ", ".join(f"{name} {len(rows)}" for name, rows in splits.items()))
+
+
+# What Lightning's subprocess launcher sets in the parent's own environment before it starts the other ranks.
+LAUNCH_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", JOB_VARIABLE)
+
+
+@contextmanager
+def one_job(overrides: list[str], run_dir: str):
+    """A job of this process (rank 0), distributed or not. Its ranks get the job's overrides and folder; after it, the
+    process group is closed and the launcher's variables put back, so the next job of a multirun starts its own ranks
+    (with LOCAL_RANK left set, Lightning would take the next job for an externally started rank and wait for peers
+    that never come)."""
+    import torch.distributed as dist
+
+    before = {name: os.environ.get(name) for name in LAUNCH_VARIABLES}
+    share_job_with_children(overrides, run_dir)
+    try:
+        yield
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
