@@ -169,3 +169,35 @@ def test_every_preset_keeps_the_default_trainer_settings():
         changed = {key for key in trainer if trainer.get(key) != default.get(key)}
         assert changed <= {"strategy", "devices", "precision"}, (preset, changed)
         assert trainer.use_distributed_sampler is False  # the samplers shard themselves
+
+
+def test_a_grid_through_the_submitit_launcher_runs_each_job_in_its_own_process(tmp_path, cache_dir, tiny_model_dir):
+    """hydra/launcher=local: Hydra's submitit launcher, the code path of hydra/launcher=slurm on this machine. Each job
+    lands in the sweep folder the launcher made, and a failed job is listed in the launching process (exit 1)."""
+    env = {**os.environ, "LLMTUNE_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "llmtune", "-m", "hydra/launcher=local", "trainer.max_epochs=1",
+         "dataset.split.train_per_class=8,5000", "dataset.split.test_per_class=4", "eval.baseline=false",
+         f"model.path={tiny_model_dir}", "model=tiny"], cwd=tmp_path, capture_output=True, text=True, env=env,
+        timeout=600, check=False)
+    sweeps = list((tmp_path / "outputs" / "multirun").glob("*/*"))
+    assert len(sweeps) == 1, sweeps  # the jobs' processes put their folders in the launcher's sweep folder
+    jobs = sorted(p for p in sweeps[0].iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert [p.name[0] for p in jobs] == ["0", "1"]
+    pids = {json.loads((job / "status.json").read_text())["pid"] for job in jobs}
+    assert len(pids | {os.getpid()}) == 3  # two processes of their own, neither this one
+    statuses = [json.loads((job / "status.json").read_text())["status"] for job in jobs]
+    assert statuses == ["completed", "failed"]
+    assert json.loads((jobs[0] / "metrics.json").read_text())["run"]["n_train"] == 24
+    assert result.returncode == 1 and "1 job(s) failed" in result.stderr and "train_per_class asks for 5000" in \
+        result.stderr, result.stderr[-2000:]
+    assert len(list((sweeps[0] / ".submitit").glob("*/*_log.out"))) == 2  # submitit's own record of each job
+
+
+def test_qlora_trains_under_ddp_with_each_rank_holding_its_4bit_base(tmp_path, cache_dir, tiny_model_dir):
+    llmtune(["method=qlora", "trainer=ddp", "trainer.devices=2", "trainer.max_epochs=1",
+             "dataset.split.train_per_class=8", "dataset.split.test_per_class=4", "eval.baseline=false",
+             "hydra.run.dir=run"], tmp_path, cache_dir, tiny_model_dir)
+    summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert summary["train"]["processes"] == 2 and summary["run"]["method"] == "qlora"
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()

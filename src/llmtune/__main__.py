@@ -89,7 +89,7 @@ def main() -> None:
     sys.argv = [sys.argv[0], *argv]
     train()
     # Filled only by a multirun, where a failed job does not stop the grid.
-    from llmtune.job import failed_jobs
+    from llmtune.multirun import failed_jobs
 
     if failed_jobs:
         print(f"llmtune: error: {len(failed_jobs)} job(s) failed; the others finished:", file=sys.stderr)

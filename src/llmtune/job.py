@@ -2,7 +2,7 @@
 
 Every run directory gets `config.yaml` (resolved, secrets masked) and `status.json` before any work starts, so
 `llmtune report` can list a failed or killed job next to the finished ones. In a multirun a failed job is recorded
-and the next job starts; `failed_jobs` lets the command exit non-zero at the end.
+and the next job starts; llmtune.multirun then lists the failed jobs and the command exits non-zero.
 """
 
 import errno
@@ -23,17 +23,18 @@ from llmtune.run_state import check_same_run, now, write_status
 from llmtune.tracking import finish_wandb, mask_secrets, public_config, secret_values
 
 log = logging.getLogger(__name__)
-failed_jobs: list[str] = []  # "<run dir>: <error>" for each failed job of this process
 
 
 def run_job(cfg: DictConfig) -> float | None:
     quiet_libraries()  # Hydra has set up logging by now: Lightning's records go through its handlers, once
     # Heavy imports (torch, transformers) only when a job really runs.
     from llmtune.run import run
-    from llmtune.training.distributed import is_rank_zero, one_job
+    from llmtune.training.distributed import is_rank_zero, log_peak_memory, one_job
 
     if not is_rank_zero():  # another rank of a distributed run: it trains its shard, rank 0 owns the run folder
-        return run(cfg)
+        run(cfg)
+        log_peak_memory()
+        return None
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     check_same_run(run_dir, public_config(cfg))  # a rerun into a run folder continues that run, never another
@@ -61,7 +62,6 @@ def run_job(cfg: DictConfig) -> float | None:
             log.error("job failed: %s", message)
         else:
             log.error("job failed: %s\n%s", message, traceback.format_exc())
-        failed_jobs.append(f"{run_dir}: {first_line}")
         return None
     except BaseException:  # Ctrl-C, kill: the job did not finish, and the sweep stops too
         write_status(run_dir, "failed", started, "interrupted")
@@ -72,6 +72,7 @@ def run_job(cfg: DictConfig) -> float | None:
         # previous job's model while the next one loads (measured in benchmarks/README.md).
         gc.collect()
     write_status(run_dir, "completed", started)
+    log_peak_memory()
     finish_wandb()
     return value
 

@@ -64,8 +64,7 @@ def describe_split(splits: dict) -> None:
     this rank's share; the batch logs of the ranks then show they trained on one split."""
     import hashlib
 
-    digest = hashlib.sha256(json.dumps({name: [row.get("text") for row in rows] for name, rows in splits.items()},
-                                       sort_keys=True, default=str).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(json.dumps(splits, sort_keys=True, default=str).encode()).hexdigest()[:12]
     log.info("rank %d: data split %s (%s)", global_rank(), digest,
              ", ".join(f"{name} {len(rows)}" for name, rows in splits.items()))
 
@@ -94,3 +93,11 @@ def one_job(overrides: list[str], run_dir: str):
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+def log_peak_memory() -> None:
+    """This process's peak resident memory, one line in its log (each rank of a distributed run has its own)."""
+    import resource
+
+    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+    log.info("rank %d: peak RSS %.2f GiB", global_rank(), peak_gib)
