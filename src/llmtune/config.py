@@ -96,6 +96,11 @@ def trainer_problems(trainer_cfg: DictConfig, build: bool = True) -> list[str]:
                 f"{_did_you_mean(key, accepted, 'trainer.')}" for key in trainer_cfg if key not in accepted]
     if problems or not build:
         return problems
+    processes = trainer_cfg.devices * trainer_cfg.get("num_nodes", 1) if isinstance(trainer_cfg.devices, int) else 1
+    if processes > trainer_cfg.batch_size:  # each process trains on its share of every batch (data.batching)
+        return [f"trainer.batch_size={trainer_cfg.batch_size} is smaller than the {processes} processes of "
+                f"trainer.devices={trainer_cfg.devices} x trainer.num_nodes={trainer_cfg.get('num_nodes', 1)}; each "
+                f"needs a share of every batch: set trainer.batch_size to {processes} or more"]
     try:
         with _quiet_lightning():
             trainer = L.Trainer(**{**trainer_settings(trainer_cfg), "logger": False, "enable_checkpointing": False,

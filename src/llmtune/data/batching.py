@@ -6,6 +6,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from llmtune.errors import UserError
 from llmtune.training.distributed import shard
 
 
@@ -26,10 +27,11 @@ class EpochPosition:
     """How far into which epoch a batch sampler has handed out batches; a restored position makes the next draw of
     that same epoch skip the batches handed out before (a later epoch is drawn whole).
 
-    Under several processes (trainer=ddp) every rank draws the same epoch and takes every world-size-th batch from
-    its rank on; the last few batches that would leave the ranks unequal are left out of that epoch (each rank must
-    step as often as the others). The position counts this rank's batches, equal on every rank, so the checkpoint
-    rank 0 writes puts every rank back in its place."""
+    Under several processes (trainer=ddp) every rank draws the same epoch and trains on its share of each batch
+    (rows rank, rank + world size, ...): trainer.batch_size stays the batch of one optimizer step, so a run on N
+    devices takes the steps, and learns what, the run on one device does. A last batch with fewer rows than ranks is
+    left out (every rank must step as often as the others). The position counts batches, equal on every rank, so
+    the checkpoint rank 0 writes puts every rank back in its place."""
 
     position: tuple[int, int] = (0, 0)  # (epoch, batches handed out in it)
     resume_at: tuple[int, int] | None = None
@@ -42,12 +44,21 @@ class EpochPosition:
 
     def hand_out(self, epoch: int, batches: list) -> Iterator:
         rank, world = shard()
-        batches = batches[rank:len(batches) - len(batches) % world:world]
+        if world > self.batch_size:
+            raise UserError(f"trainer.batch_size={self.batch_size} is smaller than the {world} processes training: "
+                            f"each needs a share of every batch; set trainer.batch_size to {world} or more")
+        batches = [batch[rank::world] for batch in batches if len(batch) >= world]
         done = self.resume_at[1] if self.resume_at and self.resume_at[0] == epoch else 0
         self.resume_at, self.position = None, (epoch, done)
         for number, batch in enumerate(batches[done:], start=done + 1):
             self.position = (epoch, number)  # before the yield: a checkpoint after this batch counts it
             yield batch
+
+
+def batches_of(items: int, batch_size: int, world: int) -> int:
+    """Batches that `items` in order make, the last one left out when it has fewer items than ranks to share it."""
+    full, rest = divmod(items, batch_size)
+    return full + (0 < rest and rest >= world)
 
 
 class LengthPoolBatchSampler(EpochPosition, Sampler[list[int]]):
@@ -84,8 +95,8 @@ class LengthPoolBatchSampler(EpochPosition, Sampler[list[int]]):
         yield from self.hand_out(epoch, shuffled)
 
     def __len__(self) -> int:
-        full, rest = divmod(len(self.lengths), self.pool)
-        return (full * math.ceil(self.pool / self.batch_size) + math.ceil(rest / self.batch_size)) // shard()[1]
+        full, rest = divmod(len(self.lengths), self.pool)  # every pool but the last is a multiple of batch_size
+        return full * math.ceil(self.pool / self.batch_size) + batches_of(rest, self.batch_size, shard()[1])
 
 
 class PackedBatchSampler(EpochPosition, Sampler[list[tuple[int, ...]]]):
@@ -133,7 +144,7 @@ class PackedBatchSampler(EpochPosition, Sampler[list[tuple[int, ...]]]):
     def __len__(self) -> int:
         # The pack count does not depend on the shuffle's ties enough to matter for Lightning's progress and
         # schedule; count it once with the first epoch's seed.
-        return math.ceil(len(self.packs(torch.Generator().manual_seed(self.seed))) / self.batch_size) // shard()[1]
+        return batches_of(len(self.packs(torch.Generator().manual_seed(self.seed))), self.batch_size, shard()[1])
 
 
 class Packs:

@@ -111,10 +111,13 @@ class TrainedMethod(Method):
         train_loader, val_loader = self.loaders(task, splits, prompt_format, trainer_cfg, seed)
         module = FineTuner(self.model, optimizer=instantiate(self.settings.optimizer),
                            scheduler=instantiate(self.settings.scheduler), loss=self.loss)
-        trainer, started = new_trainer(), time.perf_counter()
+        trainer, started, threads = new_trainer(), time.perf_counter(), torch.get_num_threads()
         # Lightning restores the adapter, optimizer, scheduler, epoch and step; the samplers draw each epoch's order
         # from (seed, epoch), so the continued run sees the batches the uninterrupted one would have.
         trainer.fit(module, train_loader, val_loader, ckpt_path=resume_from)
+        # Under trainer=ddp on a CPU Lightning gave each rank its share of the cores; the scoring after training is
+        # rank 0's alone, on all of them.
+        torch.set_num_threads(threads)
         trained_now = module.tokens_seen - module.tokens_restored  # by this run, not the run it resumed
         return {"epochs": trainer.current_epoch, "steps": trainer.global_step, "tokens": module.tokens_seen,
                 "processes": trainer.world_size, "strategy": type(trainer.strategy).__name__,

@@ -70,7 +70,8 @@ def describe_split(splits: dict) -> None:
 
 
 # What Lightning's subprocess launcher sets in the parent's own environment before it starts the other ranks.
-LAUNCH_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", JOB_VARIABLE)
+LAUNCH_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "OMP_NUM_THREADS",
+                    JOB_VARIABLE)
 
 
 @contextmanager
