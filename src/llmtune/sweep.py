@@ -9,6 +9,10 @@ which raises a RuntimeError outside `study.optimize`, i.e. with the ask/tell loo
 
 Each trial is `python -m llmtune <spec's fixed args> <trial params> <your overrides> hydra.run.dir=<trial dir>`; its
 result is read back from the run directory (status.json, and the metric under "logged" in metrics.json).
+
+With `--storage URL` (run_worker) the study lives in a database (Optuna's RDB storage) and any number of processes
+running the same command, on one machine or many, share it: each takes the next trial until the study has --count
+(a grid: until no enqueued point is left). How they avoid running a trial twice: sweep_storage.py.
 """
 
 import itertools
@@ -320,6 +324,33 @@ def short_value(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
+def make_sampler(method: str, seed: int | None) -> optuna.samplers.BaseSampler:
+    if method == "bayes":
+        return optuna.samplers.TPESampler(seed=seed)
+    return optuna.samplers.RandomSampler(seed=seed)  # random, and grid, whose trials are all enqueued
+
+
+def engine_name(method: str) -> str:
+    engine = {"grid": "grid (every combination, enqueued in order)", "random": "RandomSampler", "bayes": "TPESampler"}
+    return f"optuna {optuna.__version__} {engine[method]}"
+
+
+def trial_params(spec: SweepSpec, trial: optuna.trial.Trial) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Every parameter of the trial (constants too, `q` applied), and the swept ones alone."""
+    params = {p.name: p.pick(trial.params) for p in spec.parameters}
+    return params, {name: params[name] for name in spec.swept}
+
+
+def run_trial(spec: SweepSpec, params: dict[str, Any], trial_dir: Path, overrides: list[str],
+              launch: Callable[[list[str]], int]) -> tuple[float | None, str | None, float]:
+    """Run one trial in `trial_dir`: (its metric or None, why it failed or None, seconds)."""
+    args = merge_overrides(spec.fixed_args, as_overrides(params), overrides)
+    started = time.perf_counter()
+    returncode = launch([*args, f"hydra.run.dir={hydra_value(str(trial_dir))}"])
+    value, error = read_result(trial_dir, returncode, spec.metric)
+    return value, error, round(time.perf_counter() - started, 1)
+
+
 def run_sweep(spec: SweepSpec, count: int, sweep_dir: Path, overrides: list[str], seed: int,
               launch: Callable[[list[str]], int], console: Console | None = None, earlier: dict | None = None) -> dict:
     """Ask Optuna for `count` trials one after another, run each, tell it the metric; sweep.json after each.
@@ -330,12 +361,7 @@ def run_sweep(spec: SweepSpec, count: int, sweep_dir: Path, overrides: list[str]
     """
     console = console or Console()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own lines report each trial
-    if spec.method == "bayes":
-        sampler = optuna.samplers.TPESampler(seed=seed)
-    else:  # random, and grid, whose trials are all enqueued so the sampler is never asked
-        sampler = optuna.samplers.RandomSampler(seed=seed)
-    study = optuna.create_study(direction=spec.goal, sampler=sampler)
-    engine = f"optuna {optuna.__version__} {type(sampler).__name__}"
+    study = optuna.create_study(direction=spec.goal, sampler=make_sampler(spec.method, seed))
     done = (earlier or {}).get("trials", [])
     for finished in done:  # the sampler learns from them as if it had run them
         study.add_trial(optuna.trial.create_trial(
@@ -343,25 +369,18 @@ def run_sweep(spec: SweepSpec, count: int, sweep_dir: Path, overrides: list[str]
             value=finished["value"] if finished["status"] == "completed" else None,
             state=TrialState.COMPLETE if finished["status"] == "completed" else TrialState.FAIL))
     if spec.method == "grid":
-        engine = f"optuna {optuna.__version__} grid (every combination, enqueued in order)"
         for point in spec.grid()[len(done):]:
             study.enqueue_trial(point)
 
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    record = {"spec": spec.raw, "spec_path": str(spec.path), "engine": engine, "seed": seed, "method": spec.method,
-              "metric": {"name": spec.metric, "goal": spec.goal}, "overrides": overrides, "count": count,
-              "trials": list(done), "best": _best(list(done), spec.goal)}
+    record = new_record(spec, seed, overrides, count) | {"trials": list(done), "best": _best(list(done), spec.goal)}
     width = max(2, len(str(count - 1)))
     for number in range(len(done), count):
         trial = study.ask(spec.swept)
-        params = {p.name: p.pick(trial.params) for p in spec.parameters}
-        swept = {name: params[name] for name in spec.swept}
+        params, swept = trial_params(spec, trial)
         trial_dir = (sweep_dir / trial_dir_name(number, swept, width)).resolve()
         _say(console, f"trial {number} ({number + 1}/{count}): {' '.join(as_overrides(swept))}", style="bold")
-        args = merge_overrides(spec.fixed_args, as_overrides(params), overrides)
-        started = time.perf_counter()
-        returncode = launch([*args, f"hydra.run.dir={hydra_value(str(trial_dir))}"])
-        value, error = read_result(trial_dir, returncode, spec.metric)
+        value, error, seconds = run_trial(spec, params, trial_dir, overrides, launch)
         if error is None:
             study.tell(trial, value)
         else:
@@ -370,10 +389,83 @@ def run_sweep(spec: SweepSpec, count: int, sweep_dir: Path, overrides: list[str]
         record["trials"].append({
             "number": number, "params": params, "sampled": trial.params, "dir": trial_dir.name,
             "status": "completed" if error is None else "failed", "value": value, "error": error,
-            "seconds": round(time.perf_counter() - started, 1)})
+            "seconds": seconds})
         record["best"] = _best(record["trials"], spec.goal)
         write_atomic(sweep_dir / "sweep.json", json.dumps(record, indent=2) + "\n")
     return record
+
+
+def new_record(spec: SweepSpec, seed: int, overrides: list[str], count: int) -> dict:
+    """sweep.json's head: what was swept, how, and with which overrides (the trials follow)."""
+    return {"spec": spec.raw, "spec_path": str(spec.path), "engine": engine_name(spec.method), "seed": seed,
+            "method": spec.method, "metric": {"name": spec.metric, "goal": spec.goal}, "overrides": overrides,
+            "count": count}
+
+
+# --- Workers sharing a study (--storage) ----------------------------------------------------------------------------
+
+def run_worker(spec: SweepSpec, count: int, args: "SweepArgs", default_dir: Path, launch: Callable[[list[str]], int],
+               console: Console) -> tuple[dict, Path]:
+    """One of several processes running the same sweep from one Optuna study in `args.storage`: it takes trials
+    until the study has `count` (a grid: until no point is left), then returns the whole study's record."""
+    from llmtune import sweep_storage as shared  # SQLAlchemy and the database driver only when asked for
+
+    if args.resume:
+        raise UserError("--resume is for a sweep without --storage; a stored study goes on when a worker runs the "
+                        "same command again: drop --resume")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    grid = spec.method == "grid"
+    storage = shared.open_storage(args.storage, retry_lost_trials=grid)
+    name = args.study or default_study_name(spec)
+    identity = {"spec": spec.raw, "overrides": list(args.overrides), "seed": args.search_seed, "count": count}
+
+    def enqueue_grid(study: optuna.Study) -> None:
+        for point in spec.grid()[:count]:
+            study.enqueue_trial(point)
+
+    # The first worker samples with --seed; the others with seeds of their own, or they would propose its points.
+    study, sweep_dir = shared.create_or_join(
+        storage, name, spec.goal, identity, args.dir, default_dir,
+        sampler=lambda created: make_sampler(spec.method, args.search_seed if created else None),
+        enqueue=enqueue_grid if grid else lambda study: None)
+    _say(console, f"worker {shared.WORKER}: study {name} in {shared.masked(args.storage)}, trials in {sweep_dir}")
+
+    def build_record() -> dict:
+        trials = shared.stored_trials(study)
+        return new_record(spec, args.search_seed, list(args.overrides), count) | {
+            "storage": shared.masked(args.storage), "study": name, "trials": trials,
+            "best": _best(trials, spec.goal)}
+
+    width = max(2, len(str(count - 1)))
+    while True:
+        trial = (shared.next_queued_trial(study, spec.swept) if grid
+                 else shared.next_sampled_trial(study, spec.swept, count))
+        if trial is None:
+            break
+        params, swept = trial_params(spec, trial)
+        trial_dir = (sweep_dir / trial_dir_name(trial.number, swept, width)).resolve()
+        for key, value in {"params": params, "dir": trial_dir.name, "worker": shared.WORKER}.items():
+            trial.set_user_attr(key, value)
+        _say(console, f"trial {trial.number} (study {name}): {' '.join(as_overrides(swept))}", style="bold")
+        try:
+            with shared.heartbeat(study, trial):
+                value, error, seconds = run_trial(spec, params, trial_dir, list(args.overrides), launch)
+        except BaseException as stop:  # Ctrl-C or a crash of this worker: the trial is not left running
+            shared.give_back(study, trial, requeue=grid, reason=f"its worker stopped ({type(stop).__name__})")
+            raise
+        trial.set_user_attr("seconds", seconds)
+        if error is None:
+            study.tell(trial, value)
+        else:
+            trial.set_user_attr("error", error)
+            study.tell(trial, state=TrialState.FAIL)
+            _say(console, f"trial {trial.number} failed: {error}", style="red")
+        shared.write_record(sweep_dir, build_record)
+    return shared.write_record(sweep_dir, build_record), sweep_dir
+
+
+def default_study_name(spec: SweepSpec) -> str:
+    return str(spec.raw.get("name") or spec.path.stem)
 
 
 def _best(trials: list[dict], goal: str) -> int | None:
@@ -398,15 +490,25 @@ def print_sweep_table(record: dict, spec: SweepSpec, sweep_dir: Path, console: C
         values = [short_value(trial["params"][name]) for name in spec.swept]
         status = trial["status"] if trial["error"] is None else f"failed: {trial['error'][:60]}"
         value = "-" if trial["value"] is None else f"{trial['value']:.4f}"
-        table.add_row(str(trial["number"]), *values, value, status, f"{trial['seconds']:.0f}")
+        seconds = "-" if trial["seconds"] is None else f"{trial['seconds']:.0f}"  # None: still running elsewhere
+        table.add_row(str(trial["number"]), *values, value, status, seconds)
     console.print(table)
-    if record["best"] is None:
+    running = running_trials(record)
+    if record["best"] is None and running:
+        _say(console, f"no trial has completed yet; {running} still running on other workers")
+    elif record["best"] is None:
         _say(console, f"all {len(record['trials'])} trials failed; see {sweep_dir / 'sweep.json'}")
     else:
-        best = record["trials"][record["best"]]
+        best = next(t for t in record["trials"] if t["number"] == record["best"])
         _say(console, f"best: trial {best['number']} {spec.metric}={best['value']:.4f} "
                       f"{' '.join(as_overrides({n: best['params'][n] for n in spec.swept}))}  ({best['dir']})")
+    if running:
+        _say(console, f"{running} trial(s) still running on other workers; sweep.json is rewritten as each ends")
     _say(console, f"all trials in one report: llmtune report {sweep_dir}")
+
+
+def running_trials(record: dict) -> int:
+    return sum(trial["status"] == "running" for trial in record["trials"])
 
 
 def _say(console: Console, text: str, style: str | None = None) -> None:
@@ -420,36 +522,53 @@ def _say(console: Console, text: str, style: str | None = None) -> None:
 class SweepArgs:
     """Run a W&B sweep spec on this machine, one run per trial (Optuna proposes the trials).
 
-    example: llmtune sweep sweeps/lora_grid.yaml count=2 model=tiny trainer.max_epochs=1 logger=csv"""
+    example: llmtune sweep sweeps/lora_grid.yaml count=2 model=tiny trainer.max_epochs=1 logger=csv
+    workers: the same command with storage=sqlite:///sweep.db in several shells (or on several machines with
+    storage=postgresql://USER@HOST:PORT/DB) runs each trial once. A worker killed mid-trial stops sending
+    heartbeats; 3 minutes later the next worker to look for a trial marks it failed, and a grid re-queues the point"""
 
     spec: Path = positional(f"a W&B sweep spec, e.g. {SPEC_EXAMPLE}", metavar="SPEC")
     count: int | None = option(None, "trials to run", minimum=1,
                                default_text="a grid's size, which also caps it; random and bayes: required")
     dir: Path | None = option(None, "the sweep's folder", metavar="DIR",
-                              default_text="outputs/sweeps/<date>/<time>_<spec>")
+                              default_text="outputs/sweeps/<date>/<time>_<spec>; with storage=URL, the folder "
+                                           "of the study's first worker")
     # `seed=N` stays a Hydra override (the runs' own seed), so the search's seed has its own name; --seed as before.
     search_seed: int = option(42, "the search's seed, for Optuna's sampler; --seed N too (seed=N is an override: "
                                   "the runs' own seed)", flags=("--seed",))
     resume: bool = option(False, "continue the interrupted sweep in dir=DIR: its finished trials are not run again")
+    storage: str | None = option(
+        None, "a database in which several workers running this same command share one study and run each trial "
+              "once: sqlite:///PATH/study.db on one machine (never on a network filesystem: its locks are not "
+              "reliable there), postgresql://USER@HOST:PORT/DB for a cluster; --count is then the study's total",
+        metavar="URL", default_text="none: one process, the study in memory")
+    study: str | None = option(None, "the study's name in --storage", metavar="NAME",
+                               default_text="the spec's `name`, else its file name")
     overrides: list[str] = rest("Hydra overrides for every trial, e.g. model=tiny logger=csv seed=1",
                                 metavar="OVERRIDE")
 
 
 def main(argv: list[str]) -> None:
     args = parse(SweepArgs, argv, "sweep")
+    if args.study is not None and args.storage is None:
+        raise UserError("--study names a study in a database: add --storage URL (e.g. sqlite:///sweeps.db)")
     spec = load_spec(args.spec)
     count = _count(spec, args.count)
     check_keys(spec, args.overrides)
     now = datetime.now()
-    sweep_dir = args.dir or Path("outputs/sweeps") / f"{now:%Y-%m-%d}" / f"{now:%H-%M-%S}_{spec.path.stem}"
-    earlier = earlier_sweep(args.dir, spec, args) if args.resume else None
-    if earlier is None and (sweep_dir / "sweep.json").exists():
-        raise UserError(f"{sweep_dir} already holds a sweep (sweep.json): choose another --dir, or add --resume to "
-                        "continue it")
+    default_dir = Path("outputs/sweeps") / f"{now:%Y-%m-%d}" / f"{now:%H-%M-%S}_{spec.path.stem}"
     console = Console()
-    record = run_sweep(spec, count, sweep_dir, args.overrides, args.search_seed, launch_llmtune, console, earlier)
+    if args.storage is not None:
+        record, sweep_dir = run_worker(spec, count, args, default_dir, launch_llmtune, console)
+    else:
+        sweep_dir = args.dir or default_dir
+        earlier = earlier_sweep(args.dir, spec, args) if args.resume else None
+        if earlier is None and (sweep_dir / "sweep.json").exists():
+            raise UserError(f"{sweep_dir} already holds a sweep (sweep.json): choose another --dir, or add --resume "
+                            "to continue it")
+        record = run_sweep(spec, count, sweep_dir, args.overrides, args.search_seed, launch_llmtune, console, earlier)
     print_sweep_table(record, spec, sweep_dir, console)
-    if record["best"] is None:
+    if record["best"] is None and not running_trials(record):
         sys.exit(1)
 
 
@@ -458,6 +577,9 @@ def earlier_sweep(sweep_dir: Path | None, spec: SweepSpec, args: SweepArgs) -> d
     if sweep_dir is None or not (sweep_dir / "sweep.json").is_file():
         raise UserError("--resume needs dir=DIR naming the folder of the sweep to continue (one with sweep.json)")
     record = json.loads((sweep_dir / "sweep.json").read_text(encoding="utf-8"))
+    if "storage" in record:
+        raise UserError(f"{sweep_dir}'s trials are in study {record['study']} of {record['storage']}: run a worker "
+                        f"with --storage URL (same command, without --resume) to go on with it")
     if (record["spec"], record["overrides"], record["seed"]) != (spec.raw, list(args.overrides), args.search_seed):
         raise UserError(f"{sweep_dir} holds another sweep (its spec, overrides or seed differ): resume it with "
                         f"the same command, or start a new one in another dir")
