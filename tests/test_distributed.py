@@ -215,3 +215,32 @@ def test_qlora_trains_under_ddp_with_each_rank_holding_its_4bit_base(tmp_path, c
     summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert summary["train"]["processes"] == 2 and summary["run"]["method"] == "qlora"
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_ranks_started_by_slurm_are_one_run_through_lightnings_slurm_environment(tmp_path, cache_dir, tiny_model_dir):
+    """What `srun` (or the submitit launcher with tasks_per_node=2) does: start every rank itself, with SLURM's
+    variables; Lightning reads the ranks from them and starts nothing, and rank 0 alone writes the shared folder."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ranks = []
+    for rank in range(2):
+        env = {**os.environ, "LLMTUNE_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1", "SLURM_NTASKS": "2",
+               "SLURM_NTASKS_PER_NODE": "2", "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank),
+               "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost", "SLURM_JOB_ID": "4242",
+               "SLURM_JOB_NAME": "llmtune", "MASTER_PORT": str(port)}
+        ranks.append(subprocess.Popen(
+            [sys.executable, "-m", "llmtune", "trainer=ddp", "trainer.devices=2", "trainer.max_epochs=1",
+             "dataset.split.train_per_class=8", "dataset.split.test_per_class=4", "eval.baseline=false",
+             "hydra.run.dir=run", f"model.path={tiny_model_dir}", "model=tiny"],
+            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [process.communicate(timeout=600)[0] for process in ranks]
+    assert [process.returncode for process in ranks] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    run = tmp_path / "run"
+    summary = json.loads((run / "metrics.json").read_text())
+    assert summary["train"]["processes"] == 2 and "SLURM" in outputs[1]  # Lightning's SLURM environment
+    assert {p.name for p in run.glob("*.log")} == {"__main__.log", "rank_1.log"}  # a log each, one .hydra/
+    assert sorted(p.name for p in (run / ".hydra").iterdir()) == ["config.yaml", "hydra.yaml", "overrides.yaml"]
+    assert len(set(split_digests(run).values())) == 1

@@ -28,6 +28,7 @@ RUN_ID = secrets.token_hex(3)
 
 def register_resolvers() -> None:
     from llmtune.data.loading import resource_path
+    from llmtune.training.distributed import global_rank, rank_zero_only
 
     if not OmegaConf.has_resolver("llmtune_resource"):
         OmegaConf.register_new_resolver("llmtune_resource", resource_path)
@@ -37,6 +38,10 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("llmtune_run_id", lambda: RUN_ID, use_cache=True)
     if not OmegaConf.has_resolver("llmtune_config_path"):
         OmegaConf.register_new_resolver("llmtune_config_path", user_search_path)
+    if not OmegaConf.has_resolver("llmtune_rank_zero_only"):
+        OmegaConf.register_new_resolver("llmtune_rank_zero_only", rank_zero_only)
+    if not OmegaConf.has_resolver("llmtune_rank"):
+        OmegaConf.register_new_resolver("llmtune_rank", global_rank)
     if not OmegaConf.has_resolver("llmtune_precision"):
         OmegaConf.register_new_resolver("llmtune_precision", default_precision)
 

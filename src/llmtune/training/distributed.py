@@ -21,15 +21,23 @@ JOB_VARIABLE = "LLMTUNE_DISTRIBUTED_JOB"
 
 
 def global_rank() -> int:
-    """This process's rank in the run, from the environment a launcher sets (Lightning's rule: RANK, LOCAL_RANK,
-    SLURM_PROCID), 0 for a run of one process."""
-    from lightning.pytorch.utilities.rank_zero import rank_zero_only
-
-    return getattr(rank_zero_only, "rank", 0)
+    """This process's rank in the run, from the environment its launcher set: Lightning's own rule (RANK, then
+    LOCAL_RANK, then SLURM_PROCID), read without importing Lightning (the Hydra config asks, before a job starts);
+    0 for a run of one process."""
+    for name in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 0
 
 
 def is_rank_zero() -> bool:
     return global_rank() == 0
+
+
+def rank_zero_only(value, other=None):
+    """A Hydra config value for rank 0, `other` for the other ranks (conf/hydra/default.yaml: Hydra's .hydra/ copy of
+    the config is written once, and each rank logs to a file of its own in the shared run folder)."""
+    return value if global_rank() == 0 else other
 
 
 def shard() -> tuple[int, int]:
