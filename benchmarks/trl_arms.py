@@ -65,9 +65,12 @@ def _step_timer():
         def on_step_begin(self, args, state, control, **kwargs):
             # The batch is already collated when this fires, so the window is forward + backward + optimizer step.
             self._tokens0 = state.num_input_tokens_seen
+            _synchronize(args.device)
             self._t0 = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
+            # On a GPU the step's kernels may still be queued here; the loss is read (a sync) only after this hook.
+            _synchronize(args.device)
             self.seconds.append(time.perf_counter() - self._t0)
             # Trainer adds the step's non-padding token count (include_num_input_tokens_seen="non_padding") after
             # the backward pass and before this hook, so the difference is this step's count.
@@ -79,6 +82,14 @@ def _step_timer():
                 self.losses.append(float(logs["loss"]))
 
     return StepTimer()
+
+
+def _synchronize(device) -> None:
+    """Wait for the device's queued kernels (CUDA only; CPU work is synchronous)."""
+    if getattr(device, "type", None) == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
 
 
 @contextlib.contextmanager
@@ -103,14 +114,15 @@ def _label_positions_only_head(enabled: bool) -> Iterator[None]:
 
 def train_trl(model_dir: str, prompts: list[str], answers: list[str], batch_size: int, steps: int,
               compact_logits: bool, lora: dict, lr: float = 2e-4,
-              sft_overrides: dict[str, Any] | None = None) -> dict:
+              sft_overrides: dict[str, Any] | None = None, warmup_steps: int = _WARMUP_STEPS) -> dict:
     """TRL SFTTrainer + PEFT on prompt/completion pairs.
 
     Returns {"tokens_per_s", "s_per_step", "steps", "tokens", "losses", "setting"} plus "timed_steps" and
     "step_seconds". tokens_per_s = non-padding input tokens of the timed steps / summed seconds of the timed steps;
     s_per_step is the median over the timed steps; "tokens" counts the timed steps only, "steps" is every step run
-    (the first min(2, steps - 1) are warm-up and not timed). sft_overrides (optional, for experiments) are extra
-    SFTConfig fields applied last, e.g. {"gradient_checkpointing": False}; they are listed in "setting".
+    (the first min(warmup_steps, steps - 1) are warm-up and not timed). sft_overrides (optional, for experiments)
+    are extra SFTConfig fields applied last, e.g. {"gradient_checkpointing": False}, or {"use_cpu": False} to train on
+    a GPU; they are listed in "setting".
     """
     import datasets
     import peft
@@ -124,13 +136,13 @@ def train_trl(model_dir: str, prompts: list[str], answers: list[str], batch_size
 
     timer = _step_timer()
     with tempfile.TemporaryDirectory(prefix="trl_arm_") as output_dir:
-        args = SFTConfig(
-            per_device_train_batch_size=batch_size, max_steps=steps, learning_rate=lr, logging_steps=1,
-            report_to="none", save_strategy="no", output_dir=output_dir, use_cpu=True, seed=0,
+        settings = {
+            "per_device_train_batch_size": batch_size, "max_steps": steps, "learning_rate": lr, "logging_steps": 1,
+            "report_to": "none", "save_strategy": "no", "output_dir": output_dir, "use_cpu": True, "seed": 0,
             # Instrumentation only: Trainer sums attention_mask (or non-pad input_ids when padding-free) per batch.
-            include_num_input_tokens_seen="non_padding",
-            **(sft_overrides or {}),
-        )
+            "include_num_input_tokens_seen": "non_padding",
+        }
+        args = SFTConfig(**{**settings, **(sft_overrides or {})})  # overrides win, use_cpu included
         # LoRA A matrices are initialised inside SFTTrainer.__init__, before Trainer seeds anything; seed here so
         # that repeated runs start from the same adapter.
         transformers.set_seed(0)
@@ -142,7 +154,7 @@ def train_trl(model_dir: str, prompts: list[str], answers: list[str], batch_size
             head_scope = ("label positions only" if trl_utils._use_triton(trainer.model.device)
                           else "every position incl. prompt" + ("" if trainer.padding_free else " and padding"))
 
-    warmup = min(_WARMUP_STEPS, max(len(timer.seconds) - 1, 0))
+    warmup = min(warmup_steps, max(len(timer.seconds) - 1, 0))
     timed_s, timed_tok = timer.seconds[warmup:], timer.tokens[warmup:]
 
     parts = [
@@ -152,6 +164,9 @@ def train_trl(model_dir: str, prompts: list[str], answers: list[str], batch_size
         else "compact_logits=off (TRL defaults)",
         f"fused chunked LM head (no [B,L,V] logits) over {head_scope}, full vocab",
         f"padding_free={trainer.padding_free}",
+        f"packing={args.packing}",
+        f"use_liger_kernel={args.use_liger_kernel}",
+        f"attention={getattr(trainer.model.config, '_attn_implementation', None)}",
         f"completion_only_loss={trainer.completion_only_loss}",
         "EOS appended to completion",
         f"bf16 autocast={args.bf16}",

@@ -215,3 +215,27 @@ def test_full_finetune_of_an_instruct_run_saves_a_causal_lm_that_plain_transform
     assert [p["predicted"] for p in again] == [p["predicted"] for p in predictions]
     for before, after in zip(predictions, again):
         assert after["logits"] == pytest.approx(before["logits"], abs=1e-3)
+
+
+def test_gradient_checkpointing_trains_every_row_with_its_instruction(tiny_model_dir):
+    """transformers switches the KV cache off inside checkpointed layers, which would leave a shared prefix's cache
+    empty: with method.gradient_checkpointing the rows carry their own prefix, and the loss is the plain one."""
+    from llmtune.config import build_components
+
+    losses, batches = {}, {}
+    for checkpointing in (False, True):
+        cfg = compose_config(["model=tiny", f"method.gradient_checkpointing={str(checkpointing).lower()}",
+                              "dataset.split.train_per_class=4", "dataset.split.test_per_class=2"])
+        with open_dict(cfg):
+            cfg.model.path = str(tiny_model_dir)
+        task, method = build_components(cfg)
+        splits = task.load_splits(cfg.seed)
+        method.build(cfg.model, task, str(tiny_model_dir))
+        prompts = PromptFormat.from_config(cfg.model, cfg.dataset, method.tokenizer)
+        train_loader, _ = method.loaders(task, splits, prompts, cfg.trainer, cfg.seed)
+        batch = next(iter(train_loader))
+        method.model.train()
+        batches[checkpointing] = batch
+        losses[checkpointing] = float(next_token_loss(method.model, batch))
+    assert "prefix_ids" in batches[False] and "prefix_ids" not in batches[True]
+    assert losses[True] == pytest.approx(losses[False], abs=1e-5)

@@ -3,7 +3,7 @@
 
 from contextlib import nullcontext
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from llmtune.data.prompts import with_demonstrations
 from llmtune.errors import UserError
@@ -47,6 +47,10 @@ class LanguageModelTuning(TrainedMethod):
         def encode(rows):
             return encode_rows(rows, self.tokenizer, prompt_format, self.loss_on, task.target,
                                task.answer_ends_with_eos)
+        if self.settings.get("gradient_checkpointing"):
+            # transformers turns the KV cache off inside checkpointed layers, so a shared prefix's cache would come
+            # back empty and the rows would train without their instruction: every row carries its own prefix.
+            trainer_cfg = OmegaConf.merge(trainer_cfg, {"share_prefix": False})
         return make_loaders(encode(splits["train"]), encode(splits["val"]), trainer_cfg, self.tokenizer.pad_token_id,
                             seed)
 
