@@ -37,7 +37,7 @@ REPO = BENCHMARKS.parent
 sys.path[:0] = [str(REPO / "src"), str(BENCHMARKS)]
 
 # after the path above: speed.py's LoRA settings and helpers
-from speed import LORA, arm_matmul, product_config
+from speed import LORA, arm_matmul, fit_steps, product_config
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<bos>", "<eos>"]
 GIB = 2**30
@@ -272,13 +272,11 @@ def arm_llmtune(args, quantized: bool) -> dict:
     labelled-position LM head, the shared instruction once per batch."""
     import lightning as L
     import torch
-    from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
     from llmtune.models.loader import load_base_model, prepare_model_dir
     from llmtune.models.lora import add_lora
-    from llmtune.training.module import FineTuner
-    from llmtune.training.setup import encode_rows, make_loaders, make_trainer
+    from llmtune.training.setup import encode_rows, make_loaders
 
     overrides = llmtune_overrides(args, quantized)
     cfg = product_config(SimpleNamespace(data=None, batch_size=args.batch_size), overrides)
@@ -292,11 +290,7 @@ def arm_llmtune(args, quantized: bool) -> dict:
     train_loader, _ = make_loaders(encode_rows(rows, tokenizer, prompt_format, cfg.method.loss_on), [], cfg.trainer,
                                    tokenizer.pad_token_id, seed=0)
     timer = lightning_step_timer()
-    with tempfile.TemporaryDirectory() as run_dir:
-        trainer = make_trainer(cfg.trainer, Path(run_dir), logger=False, callbacks=[timer], max_steps=args.steps,
-                               max_epochs=-1, enable_checkpointing=False, enable_progress_bar=False)
-        trainer.fit(FineTuner(model, optimizer=instantiate(cfg.method.optimizer),
-                              scheduler=instantiate(cfg.method.scheduler)), train_loader)
+    fit_steps(cfg, model, train_loader, timer, args.steps)
     setting = (f"llmtune {cfg.method.name}: FineTuner + Lightning Trainer as `python -m llmtune` builds them; "
                f"LoRA r={LORA['r']} {LORA['target_modules']}, precision={cfg.trainer.precision}, "
                f"share_prefix={cfg.trainer.share_prefix}, gradient_checkpointing={cfg.method.gradient_checkpointing}, "

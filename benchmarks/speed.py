@@ -104,14 +104,12 @@ def arm_llmtune_train(args, overrides=()):
     shared instruction computed once per batch; with overrides, the same path for another method or setting."""
     import lightning as L
     import torch
-    from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
     from llmtune.data.prompts import batch_tokens
     from llmtune.models.loader import load_base_model
     from llmtune.models.lora import add_lora
-    from llmtune.training.module import FineTuner
-    from llmtune.training.setup import encode_rows, make_loaders, make_trainer
+    from llmtune.training.setup import encode_rows, make_loaders
 
     cfg, model_dir, train_rows, _ = inputs(args, overrides)
     L.seed_everything(0, verbose=False)
@@ -135,11 +133,7 @@ def arm_llmtune_train(args, overrides=()):
             self.losses.append(float(outputs["loss"]))
 
     timer = StepTimer()
-    with tempfile.TemporaryDirectory() as run_dir:
-        trainer = make_trainer(cfg.trainer, Path(run_dir), logger=False, callbacks=[timer], max_steps=args.steps,
-                               max_epochs=-1, enable_checkpointing=False, enable_progress_bar=False)
-        trainer.fit(FineTuner(model, optimizer=instantiate(cfg.method.optimizer),
-                              scheduler=instantiate(cfg.method.scheduler)), train_loader)
+    fit_steps(cfg, model, train_loader, timer, args.steps)
     timed_s, timed_tok = timer.seconds[WARMUP_STEPS:], timer.tokens[WARMUP_STEPS:]
     return {"tokens_per_s": sum(timed_tok) / sum(timed_s), "s_per_step": statistics.median(timed_s),
             "steps": len(timer.seconds), "tokens": sum(timed_tok), "losses": timer.losses,
@@ -147,6 +141,20 @@ def arm_llmtune_train(args, overrides=()):
             "sequences_per_step": train_loader.batch_sampler.batch_size, "overrides": list(overrides),
             "non_embedding_params": non_embedding_params(model), "threads": torch.get_num_threads(),
             "setting": "llmtune FineTuner + Lightning Trainer as `python -m llmtune` builds them"}
+
+
+def fit_steps(cfg, model, train_loader, timer, steps: int) -> None:
+    """`steps` optimizer steps of the product's FineTuner and Trainer (no checkpoints, no logger), timed by `timer`."""
+    from hydra.utils import instantiate
+
+    from llmtune.training.module import FineTuner
+    from llmtune.training.setup import make_trainer
+
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = make_trainer(cfg.trainer, Path(run_dir), logger=False, callbacks=[timer], max_steps=steps,
+                               max_epochs=-1, enable_checkpointing=False, enable_progress_bar=False)
+        trainer.fit(FineTuner(model, optimizer=instantiate(cfg.method.optimizer),
+                              scheduler=instantiate(cfg.method.scheduler)), train_loader)
 
 
 def arm_generate(args):

@@ -118,10 +118,10 @@ def trainer_problems(trainer_cfg: DictConfig, build: bool = True) -> list[str]:
     except Exception as error:  # ValueError, TypeError, MisconfigurationException: Lightning's own wording
         error = error.__cause__ or error  # a strategy node's own refusal, not Hydra's wrapping of it
         strategy = trainer_cfg.get("strategy")
+        if isinstance(strategy, DictConfig):  # a preset's node: named by its class
+            strategy = strategy.get("_target_")
         shown = ", ".join([f"trainer.{key}={trainer_cfg[key]}" for key in ("accelerator", "devices", "precision")
-                           if key in trainer_cfg] +
-                          [f"trainer.strategy={strategy.get('_target_', strategy) if isinstance(strategy, DictConfig) else strategy}"]
-                          * (strategy not in (None, "auto")))
+                           if key in trainer_cfg] + [f"trainer.strategy={strategy}"] * (strategy not in (None, "auto")))
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         problems.append(f"lightning's Trainer refuses the trainer settings ({shown}): {reason}; change them, or run "
                         "on a machine that has what they ask for (gpu, fsdp and deepspeed need CUDA GPUs)")
