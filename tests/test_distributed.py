@@ -244,3 +244,34 @@ def test_ranks_started_by_slurm_are_one_run_through_lightnings_slurm_environment
     assert {p.name for p in run.glob("*.log")} == {"__main__.log", "rank_1.log"}  # a log each, one .hydra/
     assert sorted(p.name for p in (run / ".hydra").iterdir()) == ["config.yaml", "hydra.yaml", "overrides.yaml"]
     assert len(set(split_digests(run).values())) == 1
+
+
+def test_the_other_ranks_end_when_rank_0_is_killed(tmp_path, cache_dir, tiny_model_dir):
+    """kill -9 of rank 0 (the command the user started) leaves no rank behind waiting for it."""
+    import signal
+    import time
+
+    env = {**os.environ, "LLMTUNE_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1"}
+    parent = subprocess.Popen(
+        [sys.executable, "-m", "llmtune", "trainer=ddp", "trainer.devices=2", "trainer.max_epochs=500",
+         "dataset.split.train_per_class=30", "eval.baseline=false", "hydra.run.dir=run", f"model.path={tiny_model_dir}",
+         "model=tiny"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    children_file = Path(f"/proc/{parent.pid}/task/{parent.pid}/children")
+    deadline = time.monotonic() + 300
+    children = []
+    while not children and time.monotonic() < deadline and parent.poll() is None:
+        time.sleep(0.5)
+        children = [int(pid) for pid in children_file.read_text().split()]
+    assert children, "rank 0 never started rank 1"
+    time.sleep(3)  # rank 1 is up, importing or waiting for its peer
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() and
+                                              "zombie" not in Path(f"/proc/{pid}/status").read_text()
+                                              for pid in children):
+        time.sleep(0.5)
+    alive = [pid for pid in children if Path(f"/proc/{pid}").exists()
+             and "zombie" not in Path(f"/proc/{pid}/status").read_text()]
+    for pid in alive:
+        os.kill(pid, signal.SIGKILL)
+    assert not alive

@@ -52,7 +52,8 @@ def shard() -> tuple[int, int]:
 
 def share_job_with_children(overrides: list[str], run_dir: str) -> None:
     """What a rank Lightning starts on this machine must run: this job's overrides, into this run folder."""
-    os.environ[JOB_VARIABLE] = json.dumps({"overrides": list(overrides), "run_dir": str(run_dir)})
+    os.environ[JOB_VARIABLE] = json.dumps({"overrides": list(overrides), "run_dir": str(run_dir),
+                                           "parent": os.getpid()})
 
 
 def relaunched_argv(argv: list[str]) -> list[str]:
@@ -63,8 +64,24 @@ def relaunched_argv(argv: list[str]) -> list[str]:
         return argv
     job = json.loads(job)
     rank = os.environ["LOCAL_RANK"]
+    end_with_parent(job["parent"])
     return [*job["overrides"], f"hydra.run.dir={json.dumps(job['run_dir'])}", f"hydra.job.name=rank_{rank}",
             "hydra.output_subdir=null"]
+
+
+def end_with_parent(parent_pid: int, every_s: float = 2.0) -> None:
+    """A rank Lightning started ends when rank 0's process is gone (killed with -9, its machine's OOM killer): it would
+    otherwise wait up to torch's 30-minute rendezvous timeout for a peer that never comes, holding its memory."""
+    import threading
+    import time
+
+    def watch():
+        while os.getppid() == parent_pid:
+            time.sleep(every_s)
+        log.error("rank 0 (process %d) is gone; this rank stops too", parent_pid)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="llmtune-parent-watch", daemon=True).start()
 
 
 def describe_split(splits: dict) -> None:
