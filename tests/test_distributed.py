@@ -181,7 +181,8 @@ def test_every_preset_keeps_the_default_trainer_settings():
     for preset in ("ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"):
         trainer = compose_config(["model=tiny", f"trainer={preset}"]).trainer
         changed = {key for key in trainer if trainer.get(key) != default.get(key)}
-        assert changed <= {"strategy", "devices", "precision"}, (preset, changed)
+        assert changed <= {"strategy", "devices", "precision", "select"}, (preset, changed)
+        assert trainer.select == ("last" if preset.startswith("deepspeed") else "best")
         assert trainer.use_distributed_sampler is False  # the samplers shard themselves
 
 
