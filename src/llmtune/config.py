@@ -94,6 +94,9 @@ def trainer_problems(trainer_cfg: DictConfig, build: bool = True) -> list[str]:
     lacks) is one line now, not a traceback once the model has loaded and the base model was scored."""
     import lightning as L
 
+    from lightning.pytorch.accelerators import CUDAAccelerator
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
     from llmtune.training.setup import OWN_KEYS, trainer_settings
 
     accepted = [*inspect.signature(L.Trainer.__init__).parameters, *OWN_KEYS]
@@ -110,11 +113,10 @@ def trainer_problems(trainer_cfg: DictConfig, build: bool = True) -> list[str]:
         with _quiet_lightning():
             trainer = L.Trainer(**{**trainer_settings(trainer_cfg), "logger": False, "enable_checkpointing": False,
                                    "enable_progress_bar": False})
-        sharded = type(trainer.strategy).__name__
-        if sharded.endswith(("FSDP", "FSDPStrategy", "DeepSpeedStrategy")) and trainer.accelerator.__class__.__name__ \
-                != "CUDAAccelerator":  # Lightning checks this for a strategy's name, not for a strategy object
-            raise ValueError(f"{sharded} shards the model across CUDA GPUs, and this run has none "
-                             f"({type(trainer.accelerator).__name__}); trainer=ddp runs on CPUs")
+        if isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy)) \
+                and not isinstance(trainer.accelerator, CUDAAccelerator):  # Lightning checks a name, not an object
+            raise ValueError(f"{type(trainer.strategy).__name__} shards the model across CUDA GPUs, and this run has "
+                             f"none ({type(trainer.accelerator).__name__}); trainer=ddp runs on CPUs")
     except Exception as error:  # ValueError, TypeError, MisconfigurationException: Lightning's own wording
         error = error.__cause__ or error  # a strategy node's own refusal, not Hydra's wrapping of it
         strategy = trainer_cfg.get("strategy")
