@@ -204,6 +204,18 @@ def test_a_grid_worker_that_loses_the_last_point_runs_no_sampled_point(tmp_path)
     assert trials[1].state == TrialState.FAIL and trials[1].user_attrs["surplus"]  # created by a's ask, never run
 
 
+def test_a_worker_killed_right_after_claiming_a_point_still_loses_it_to_the_next(tmp_path, monkeypatch):
+    monkeypatch.setattr(sweep_storage, "HEARTBEAT_S", 1)
+    monkeypatch.setattr(sweep_storage, "GRACE_S", 1)
+    a, b = shared_study(tmp_path, retry=True)
+    a.enqueue_trial({"x": 2})
+    claimed = sweep_storage.next_queued_trial(a, SPACE)  # then killed: no heartbeat thread ever ran
+    time.sleep(3)
+    again = sweep_storage.next_queued_trial(b, SPACE)
+    assert again is not None and again.params == {"x": 2} and again.number != claimed.number
+    assert a.get_trials()[claimed.number].state == TrialState.FAIL
+
+
 def test_ctrl_c_fails_the_trial_and_queues_the_grid_point_again(tmp_path):
     spec = sweep.load_spec(GRID)
     argv = [str(GRID), "--count", "3", "--storage", f"sqlite:///{tmp_path / 's.db'}", "--dir", str(tmp_path / "s")]

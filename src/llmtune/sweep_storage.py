@@ -177,7 +177,7 @@ def next_queued_trial(study: optuna.Study, distributions: dict) -> Trial | None:
     optuna.storages.fail_stale_trials(study)  # a lost worker's point goes back in the queue first
     if not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
         return None
-    trial = study.ask(distributions)  # pops a WAITING trial; creates a new one only if others took them all
+    trial = _claim(study, distributions)  # pops a WAITING trial; creates a new one only if others took them all
     if _was_queued(study, trial.number):
         return trial
     _discard(study, trial)  # a sampled point is no grid point: never run it
@@ -189,12 +189,20 @@ def next_sampled_trial(study: optuna.Study, distributions: dict, count: int) -> 
     optuna.storages.fail_stale_trials(study)
     if len(_counted(study)) >= count:
         return None
-    trial = study.ask(distributions)
+    trial = _claim(study, distributions)
     # Workers asking at once may all pass the check above. Trial numbers order them: trial n runs only if fewer than
     # `count` counted trials come before it (an undecided surplus one before it means this one is surplus too).
     if len([t for t in _counted(study) if t.number < trial.number]) >= count:
         _discard(study, trial)
         return None
+    return trial
+
+
+def _claim(study: optuna.Study, distributions: dict) -> Trial:
+    """A new running trial with its first heartbeat already stored: Optuna never counts a trial without one as lost,
+    and the heartbeat thread's first write may come too late for a worker killed early."""
+    trial = study.ask(distributions)
+    study._storage.record_heartbeat(trial._trial_id)
     return trial
 
 
