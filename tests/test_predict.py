@@ -69,7 +69,9 @@ def test_predict_with_exported_model_matches_adapter(tiny_run, cache_dir, tmp_pa
 
     merged = export_merged(tiny_run, tmp_path / "merged")
     texts = ["Profit rose sharply", "The company cut its outlook"]
-    adapter = load_run(tiny_run).classify(texts)
+    loaded = load_run(tiny_run)
+    assert not any("lora_" in name for name, _ in loaded.model.named_parameters())  # folded in as it loads
+    adapter = loaded.classify(texts)
     exported = load_run(tiny_run, merged).classify(texts)
     for a, b in zip(adapter, exported):
         assert a["label"] == b["label"]

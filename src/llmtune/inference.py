@@ -185,6 +185,7 @@ def load_language_model(run_dir: Path, cfg: DictConfig, trained: bool, model_pat
 def _load_own_weights(run_dir: Path, cfg: DictConfig, trained: bool, torch_dtype: torch.dtype, dequantize: bool,
                       trusted: bool):
     from llmtune.models.loader import load_base_model, prepare_model_dir
+    from llmtune.models.merging import merged_for_inference
 
     if (run_dir / "model" / "config.json").is_file():  # method.full_finetune=true
         return _load_exported(run_dir / "model", torch_dtype)
@@ -209,7 +210,8 @@ def _load_own_weights(run_dir: Path, cfg: DictConfig, trained: bool, torch_dtype
     if trained:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, adapter)
+        # Folded into the weights unless 4-bit: predict and serve only infer, at the bare base's speed
+        model = merged_for_inference(PeftModel.from_pretrained(model, adapter))
     return tokenizer, model
 
 

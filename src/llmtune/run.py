@@ -65,14 +65,16 @@ def run(cfg: DictConfig) -> float | None:
     if not is_rank_zero():  # the other ranks of trainer=ddp trained their shard of every epoch; their work is done
         return None
 
-    # The method's model on val (what sweeps optimise: tuning on test would flatter it) and on test; temperature
-    # scaling fitted on val (classification) rescales the confidences, never the predicted labels.
-    val = splits["val"] and method.predictions(task, splits["val"], prompts, cfg.eval, f"scoring {method.name} (val)")
+    # The method's model (its adapter folded into the weights: nothing trains any more) on val (what sweeps optimise:
+    # tuning on test would flatter it) and on test; temperature scaling fitted on val (classification) rescales the
+    # confidences, never the predicted labels.
+    with method.inference_weights():
+        val = splits["val"] and method.predictions(task, splits["val"], prompts, cfg.eval,
+                                                   f"scoring {method.name} (val)")
+        tuned = method.predictions(task, splits["test"], prompts, cfg.eval, f"scoring {method.name}")
     calibration = task.fit_calibration(val)
     results = {"val": task.metrics(task.calibrate(val, calibration))} if val else {}
-    predictions = {"tuned": task.calibrate(method.predictions(task, splits["test"], prompts, cfg.eval,
-                                                              f"scoring {method.name}"), calibration),
-                   "base": base}
+    predictions = {"tuned": task.calibrate(tuned, calibration), "base": base}
     results.update({name: task.metrics(rows) for name, rows in predictions.items() if rows is not None})
     if retrieval is not None:
         retrieval.update(task.retrieval_quality(splits["test"]))

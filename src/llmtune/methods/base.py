@@ -4,6 +4,7 @@ and loss, and what is saved. The Task (llmtune.tasks) says what the rows are and
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import lightning as L
@@ -15,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from llmtune.data.prompts import PromptFormat
 from llmtune.evaluation.scoring import label_log_likelihoods
 from llmtune.files import atomic_folder
+from llmtune.models.merging import adapter_merged
 from llmtune.tasks import Task
 from llmtune.training.module import FineTuner
 
@@ -54,6 +56,11 @@ class Method(ABC):
         """Train (continuing from the checkpoint resume_from, when given), then put back the weights selection picks;
         what was trained, for metrics.json."""
         return {"epochs": 0, "steps": 0, "tokens": 0, "tokens_per_s": 0.0, "resumed_from_step": None}
+
+    def inference_weights(self) -> AbstractContextManager:
+        """A block for the scoring after training: a LoRA adapter folded into the frozen weights, as fast as the bare
+        base (llmtune.models.merging); other models as they are."""
+        return adapter_merged(self.model)
 
     def save(self, run_dir: Path) -> None:
         """Write what a later predict/serve/export loads (nothing for a prompting baseline)."""

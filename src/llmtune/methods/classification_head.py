@@ -23,6 +23,7 @@ from llmtune.evaluation.scoring import labelled_predictions
 from llmtune.methods.base import TrainedMethod, print_trainable
 from llmtune.models.loader import prepare_model_dir
 from llmtune.models.lora import lora_settings
+from llmtune.models.merging import merged_for_inference
 
 
 def load_classifier(model_cfg: DictConfig, method_cfg: DictConfig, labels: list[str], model_dir: str):
@@ -175,7 +176,7 @@ class ClassificationHead(TrainedMethod):
             tokenizer, model = load_sequence_classifier(prepare_model_dir(cfg.model, cfg.paths.cache_dir, trusted),
                                                         labels, torch_dtype, bool(cfg.model.trust_remote_code),
                                                         f"model '{cfg.model.name}'")
-        return tokenizer, PeftModel.from_pretrained(model, saved)
+        return tokenizer, merged_for_inference(PeftModel.from_pretrained(model, saved))  # as fast as the base
 
     def model_inputs(self, rows, prompt_format) -> list[str]:
         return [r["text"] for r in rows]  # the raw text, as trained: no prompt, no context

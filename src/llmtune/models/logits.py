@@ -77,6 +77,24 @@ def vocabulary_subset(model, token_ids: list[int]):
     return output_head(model, subset)
 
 
+def token_log_probs(model, hidden: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """[N, T] fp32 log-probabilities of token_ids [N, T] (a few tokens per position) from N positions' final hidden
+    states [N, hidden size], as the model's own logits would give them: its LM head, then any soft-capping the model
+    applies after it (Gemma 2), normalised over the whole vocabulary. The head runs a chunk of positions at a time, so
+    [N, vocabulary] logits are never held at once (for Gemma's 262,144 tokens one position's are 1 MB)."""
+    head = model.get_output_embeddings()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    chunk = max(1, ChunkedCrossEntropy.CHUNK_BYTES // (4 * head.weight.shape[0]))
+    out = torch.empty(token_ids.shape, dtype=torch.float32, device=hidden.device)
+    for start in range(0, len(hidden), chunk):
+        logits = head(hidden[start:start + chunk].to(head.weight.dtype))
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        logits = logits.float()
+        out[start:start + chunk] = logits.gather(1, token_ids[start:start + chunk]) - logits.logsumexp(1, keepdim=True)
+    return out
+
+
 def labelled_loss(model, batch: dict[str, torch.Tensor], cache=None) -> torch.Tensor:
     """Mean next-token cross-entropy over the labelled positions: labelled_logits + F.cross_entropy, the same value
     and gradients, without ever holding the [positions, vocabulary] logits.
