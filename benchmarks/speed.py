@@ -193,6 +193,138 @@ def arm_llmtune_score(args):
             "predictions": [labels[i] for i in scores.argmax(1).tolist()]}
 
 
+def arm_generation(args, fixed=True):
+    """Greedy generation tokens/s of the bare base, the base with an unmerged LoRA adapter, and merged, side by side
+    in one process (--adapter, else a fresh adapter: the same work); fixed=False leaves out llmtune's fix of torch's
+    unfolded LM-head matmul (the "before" figure)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from trl_arms import base_vs_adapter_generation
+
+    cfg, model_dir, _, test_rows = inputs(args)
+    prompts, _, _ = prompts_and_answers(cfg, test_rows)
+    adapter = args.adapter
+    if adapter is None:
+        from omegaconf import OmegaConf
+
+        from llmtune.models.loader import load_base_model
+        from llmtune.models.lora import add_lora
+
+        adapter = tempfile.mkdtemp(prefix="adapter-")
+        _, model = load_base_model(model_dir, cfg.model)
+        add_lora(model, cfg.model, OmegaConf.create({**OmegaConf.to_container(cfg.method), "lora": LORA})
+                 ).save_pretrained(adapter)
+    result = base_vs_adapter_generation(model_dir, adapter, prompts[:48], batch_size=args.eval_batch_size,
+                                        rounds=1, contiguous_head_input=fixed)
+    return {key: value for key, value in result.items() if key != "generations"}
+
+
+# The 9-class Japanese news-title set's labels (livedoor news corpus), several tokens each
+NEWS_LABELS = ["dokujo-tsushin", "it-life-hack", "kaden-channel", "livedoor-homme", "movie-enter", "peachy", "smax",
+               "sports-watch", "topic-news"]
+
+
+def news_inputs(args):
+    """Prompts of the shipped Japanese news set (test split, then train rows, up to --sentences) and the answers of
+    the nine multi-token labels above: the speed of scoring depends on the labels' tokens, not on what they mean."""
+    from llmtune.tasks import task_of
+
+    cfg = product_config(argparse.Namespace(data=None, batch_size=args.batch_size), ["dataset=news_topics_ja"])
+    splits = task_of(cfg).load_splits(cfg.seed)
+    rows = (splits["test"] + splits["train"])[: args.sentences]
+    prompts, _, fmt = prompts_and_answers(cfg, rows)
+    return cfg, prompts, [fmt.answer(label) for label in NEWS_LABELS]
+
+
+def score_label_by_label(model, tokenizer, prompts, answers, batch_size):
+    """Multi-token label scoring as llmtune did it before one-pass scoring: the shared instruction once, then every
+    prompt run again for every label, with the label's tokens appended (product parts, the old loop)."""
+    import copy
+
+    import torch
+
+    from llmtune.data.prompts import IGNORE_INDEX, pad_batch, shared_prefix_length
+    from llmtune.evaluation.batches import length_sorted_batches
+    from llmtune.models.logits import labelled_logits, prefix_cache
+
+    prompt_ids = [tokenizer(p).input_ids for p in prompts]
+    answer_ids = [tokenizer(a, add_special_tokens=False).input_ids for a in answers]
+    prefix = shared_prefix_length(prompt_ids)
+    rests = [ids[prefix:] for ids in prompt_ids]
+    scores = torch.zeros((len(prompts), len(answers)))
+    with torch.no_grad():
+        cache = prefix_cache(model.eval(), torch.tensor(prompt_ids[0][:prefix]))
+        for rows in length_sorted_batches([len(r) for r in rests], batch_size, "label by label"):
+            for j, ids in enumerate(answer_ids):
+                batch = pad_batch([{"input_ids": rests[i] + ids, "labels": [IGNORE_INDEX] * len(rests[i]) + ids}
+                                   for i in rows], tokenizer.pad_token_id)
+                logits, targets, row_of = labelled_logits(model, batch, copy.deepcopy(cache))
+                picked = torch.log_softmax(logits, -1).gather(1, targets[:, None])[:, 0]
+                scores[rows, j] = torch.zeros(len(rows)).index_add_(0, row_of, picked)
+    return scores
+
+
+def arm_multitoken(args, one_pass):
+    """Nine multi-token labels scored by the product (one pass over each prompt) or label by label (the old way)."""
+    from llmtune.data.prompts import shared_prefix_length
+    from llmtune.evaluation.scoring import AnswerBranches, label_log_likelihoods
+    from llmtune.models.loader import load_base_model
+    from llmtune.models.loader import prepare_model_dir
+
+    cfg, prompts, answers = news_inputs(args)
+    tokenizer, model = load_base_model(prepare_model_dir(cfg.model, cfg.paths.cache_dir), cfg.model)
+    score = label_log_likelihoods if one_pass else score_label_by_label
+    score(model, tokenizer, prompts[:4], answers, 4)  # warm-up, untimed
+    start = time.perf_counter()
+    scores = score(model, tokenizer, prompts, answers, args.eval_batch_size)
+    seconds = time.perf_counter() - start
+    # Positions run through the decoder per sentence (the shared instruction is once per batch: left out) and those
+    # whose logits are normalised over the whole vocabulary (the LM head's work)
+    prompt_ids = [tokenizer(p).input_ids for p in prompts]
+    rest = sum(len(ids) for ids in prompt_ids) / len(prompts) - shared_prefix_length(prompt_ids)
+    answer_ids = [tokenizer(a, add_special_tokens=False).input_ids for a in answers]
+    if one_pass:
+        branches = AnswerBranches(answer_ids)
+        positions, head_positions = rest + len(branches.branches) * branches.width, 1 + len(branches.targets)
+    else:
+        positions = sum(rest + len(ids) for ids in answer_ids)
+        head_positions = sum(len(ids) for ids in answer_ids)
+    return {"sentences_per_s": len(prompts) / seconds, "seconds": seconds, "positions_per_sentence": positions,
+            "head_positions_per_sentence": head_positions, "label_tokens": [len(ids) for ids in answer_ids],
+            "non_embedding_params": non_embedding_params(model), "head_params": model.get_output_embeddings().weight.numel(),
+            "scores": scores.tolist()}
+
+
+def arm_adapter_score(args, merged):
+    """FPB label scoring through a LoRA adapter (--adapter, else a fresh one: the same work), unmerged or folded into
+    the weights as predict, serve and the scoring after training now do."""
+    from llmtune.evaluation.scoring import label_log_likelihoods
+    from llmtune.models.loader import load_base_model
+    from llmtune.models.merging import merged_for_inference
+
+    cfg, model_dir, _, test_rows = inputs(args)
+    prompts, _, fmt = prompts_and_answers(cfg, test_rows)
+    tokenizer, model = load_base_model(model_dir, cfg.model)
+    if args.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, args.adapter)
+    else:
+        from omegaconf import OmegaConf
+
+        from llmtune.models.lora import add_lora
+
+        model = add_lora(model, cfg.model, OmegaConf.create({**OmegaConf.to_container(cfg.method), "lora": LORA}))
+    if merged:
+        model = merged_for_inference(model)
+    answers, labels = [fmt.answer(x) for x in cfg.dataset.labels], list(cfg.dataset.labels)
+    label_log_likelihoods(model, tokenizer, prompts[:4], answers, 4)  # warm-up, untimed
+    start = time.perf_counter()
+    scores = label_log_likelihoods(model, tokenizer, prompts, answers, args.eval_batch_size)
+    seconds = time.perf_counter() - start
+    return {"sentences_per_s": len(prompts) / seconds, "seconds": seconds,
+            "predictions": [labels[i] for i in scores.argmax(1).tolist()]}
+
+
 ARMS = {
     "matmul": arm_matmul,
     "trl_default": lambda args: arm_trl(args, compact=False),
@@ -205,6 +337,12 @@ ARMS = {
         args, ["method=causal", "trainer.packing=320", f"trainer.batch_size={max(1, args.batch_size // 4)}"]),
     "generate_parse": arm_generate,
     "llmtune_score": arm_llmtune_score,
+    "multitoken_label_by_label": lambda args: arm_multitoken(args, one_pass=False),
+    "multitoken_one_pass": lambda args: arm_multitoken(args, one_pass=True),
+    "adapter_unmerged": lambda args: arm_adapter_score(args, merged=False),
+    "adapter_merged": lambda args: arm_adapter_score(args, merged=True),
+    "generation_before_fix": lambda args: arm_generation(args, fixed=False),
+    "generation": arm_generation,
 }
 
 
@@ -258,6 +396,7 @@ def report(results, args):
         lines += ["", f"generate-vs-scoring label agreement {100 * summary['label_agreement_generate_vs_scoring']:.1f}%"
                   f" ({generate['unparseable']} unparseable generations) on {len(score['predictions'])} test "
                   f"sentences, adapter: {args.adapter or 'none (base model)'}."]
+    lines += inference_speed_tables(results, summary)
     if "matmul" in results:
         peak = results["matmul"]["bf16_tflops"]
         summary.update(bf16_matmul_tflops=peak, fp32_matmul_tflops=results["matmul"]["fp32_tflops"])
@@ -280,6 +419,15 @@ def report(results, args):
                          f"shared prefix once per batch: {summary['llmtune_train_hardware_tflops']:.3f} TFLOPS = "
                          f"{100 * summary['llmtune_train_hardware_utilisation']:.0f}%); batch {args.batch_size}, "
                          f"{args.steps} steps ({WARMUP_STEPS} warm-up), {train['threads']} threads.")
+        for name in ("multitoken_label_by_label", "multitoken_one_pass"):
+            if name in results:  # decoder positions at 2N FLOPs, plus the vocabulary-wide LM head where it runs
+                r = results[name]
+                flops = 2 * (r["non_embedding_params"] * r["positions_per_sentence"]
+                             + r["head_params"] * r["head_positions_per_sentence"])
+                summary[f"{name}_utilisation"] = r["sentences_per_s"] * flops / 1e12 / peak
+                lines.append(f"{name}: {r['sentences_per_s']:.2f} sentences/s x {flops / 1e9:.1f} GFLOP "
+                             f"({r['positions_per_sentence']:.0f} decoder and {r['head_positions_per_sentence']} "
+                             f"LM-head positions) = {100 * summary[f'{name}_utilisation']:.0f}% of the bf16 peak.")
         if "llmtune_score" in results:
             # Scoring is a forward pass: 2N FLOPs per position; the label-rows-only LM head is left out.
             score = results["llmtune_score"]
@@ -292,6 +440,46 @@ def report(results, args):
                          f"{100 * summary['llmtune_score_utilisation']:.0f}% of the bf16 peak; at 100% it would "
                          f"score {summary['sentences_per_s_at_the_bf16_peak']:.0f} sentences/s.")
     return "\n".join(lines), summary
+
+
+def inference_speed_tables(results, summary) -> list[str]:
+    """Issue 20's arms, each pair side by side: multi-token labels, merged adapter, adapter generation, int8."""
+    import torch
+
+    lines = []
+    pairs = [("multi-token labels (9 labels)", "multitoken_label_by_label", "multitoken_one_pass", "sentences_per_s"),
+             ("scoring through an adapter", "adapter_unmerged", "adapter_merged", "sentences_per_s")]
+    for title, old, new, unit in pairs:
+        if old not in results or new not in results or "error" in results[old] or "error" in results[new]:
+            continue
+        a, b = results[old], results[new]
+        ratio = b[unit] / a[unit]
+        summary[f"{new}_vs_{old}"] = ratio
+        lines += [f"| {title} | {unit.replace('_', ' ')} | seconds | peak RSS GiB |", "|---|---|---|---|"]
+        lines += [f"| {name} | {r[unit]:.2f} | {r['seconds']:.1f} | {r['peak_rss_gib']:.2f} |"
+                  for name, r in ((old, a), (new, b))]
+        if "scores" in a:
+            diff = (torch.tensor(a["scores"]) - torch.tensor(b["scores"])).abs().max().item()
+            agree = (torch.tensor(a["scores"]).argmax(1) == torch.tensor(b["scores"]).argmax(1)).float().mean().item()
+            summary[f"{new}_max_score_difference"], summary[f"{new}_label_agreement"] = diff, agree
+            lines.append(f"\n{new} ÷ {old}: {ratio:.2f}x; largest score difference {diff:.3g} (bf16), labels "
+                         f"agree on {100 * agree:.1f}% of {len(a['scores'])} sentences.")
+        else:
+            agree = sum(x == y for x, y in zip(a["predictions"], b["predictions"])) / len(a["predictions"])
+            summary[f"{new}_label_agreement"] = agree
+            lines.append(f"\n{new} ÷ {old}: {ratio:.2f}x; labels agree on {100 * agree:.1f}% of "
+                         f"{len(a['predictions'])} sentences.")
+        lines.append("")
+    for name in ("generation_before_fix", "generation"):
+        if name in results and "error" not in results[name]:
+            r = results[name]
+            summary[f"{name}_adapter_slowdown"] = r["adapter"]["tokens_per_s"] and (
+                r["base"]["tokens_per_s"] / r["adapter"]["tokens_per_s"])
+            lines += [f"| {name}: greedy generation | tokens/s | base ÷ this |", "|---|---|---|"]
+            lines += [f"| {arm} | {r[arm]['tokens_per_s']:.1f} | {r['base']['tokens_per_s'] / r[arm]['tokens_per_s']:.2f}x |"
+                      for arm in ("base", "adapter", "merged")]
+            lines += [f"\n{r['setting']}; same texts every round: {r['deterministic']}.", ""]
+    return lines
 
 
 def main():

@@ -188,6 +188,97 @@ def train_trl(model_dir: str, prompts: list[str], answers: list[str], batch_size
     }
 
 
+def base_vs_adapter_generation(model_dir: str, adapter_dir: str, prompts: list[str], batch_size: int = 16,
+                               max_new_tokens: int = 32, rounds: int = 2, contiguous_head_input: bool = True,
+                               merged: bool = True) -> dict:
+    """Greedy generation speed of the bare base model against the same base with a LoRA adapter, in one process:
+    "adapter" is PeftModel, unmerged (what generation with a 4-bit base, or any plain PEFT user, runs through);
+    "merged" (with merged=True) the adapter folded into the weights by PEFT's merge_and_unload, as llmtune's
+    evaluation after training, predict and serve generate.
+
+    Each round generates every batch of prompts (batch_size, left-padded, greedy, up to max_new_tokens) with every arm
+    back to back, the arms' order rotating from batch to batch, so that a shared machine's changing load falls on all
+    alike; one warm-up batch per arm goes untimed first. Returns, per arm, {"tokens_per_s", "sentences_per_s",
+    "seconds", "tokens"}, where tokens are each row's generated tokens up to and including its first EOS (after it a
+    row is only padding); per arm but the base, "<arm>_slowdown": the median over batches of the arm's seconds per
+    token over the base's (robust to a burst of load on one batch), and "<arm>_slowdown_total", the totals' ratio;
+    "deterministic": every round generated the same texts, per arm; "generations": each arm's decoded texts (greedy:
+    "merged" equals "adapter" up to bf16 rounding of the folded weights); and "setting".
+
+    contiguous_head_input=False leaves llmtune's fix of torch's unfolded LM-head matmul
+    (llmtune.models.loader.keep_head_input_contiguous) off the adapter arms: the "before" figure, whose generations
+    equal the fixed arms'. The base arm is loaded as plain transformers loads it (weights that require grad), which
+    torch folds either way. On a 2-core CPU shared with other jobs the two-thread ratios swung from 0.8x to 2.8x
+    between runs; under torch.set_num_threads(1) they held steady.
+    """
+    import torch
+    from peft import PeftModel
+
+    tokenizer, base = _load(model_dir)
+    models = {"base": base}
+    for name in ("adapter", "merged") if merged else ("adapter",):
+        adapted = PeftModel.from_pretrained(_load(model_dir)[1], adapter_dir)
+        models[name] = adapted.merge_and_unload() if name == "merged" else adapted
+    if contiguous_head_input:
+        from llmtune.models.loader import keep_head_input_contiguous
+
+        for name in models.keys() - {"base"}:
+            keep_head_input_contiguous(models[name])
+    for model in models.values():
+        model.eval()
+    tokenizer.padding_side = "left"  # generation appends on the right: every row's last prompt token must be last
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    eos_ids = base.generation_config.eos_token_id
+    eos_ids = torch.tensor(eos_ids if isinstance(eos_ids, list) else [eos_ids])
+    batches = [tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True)
+               for i in range(0, len(prompts), batch_size)]
+
+    def generate(model, enc) -> tuple[list[str], int, float]:
+        start = time.perf_counter()
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        new = out[:, enc["input_ids"].shape[1]:]
+        texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+        seconds = time.perf_counter() - start
+        ended = torch.isin(new, eos_ids)
+        lengths = torch.where(ended.any(1), ended.int().argmax(1) + 1, new.shape[1])
+        return texts, int(lengths.sum()), seconds
+
+    names = list(models)
+    seconds, tokens = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0)
+    texts: dict[str, list[list[str]]] = {name: [] for name in names}  # per round
+    ratios: dict[str, list[float]] = {name: [] for name in names[1:]}  # per batch: seconds per token over the base's
+    with torch.inference_mode():
+        for model in models.values():
+            generate(model, batches[0])
+        for round_ in range(rounds):
+            for name in names:
+                texts[name].append([])
+            for index, enc in enumerate(batches):
+                shift = (round_ * len(batches) + index) % len(names)
+                per_token = {}
+                for name in names[shift:] + names[:shift]:
+                    batch_texts, batch_tokens, batch_seconds = generate(models[name], enc)
+                    texts[name][-1].extend(batch_texts)
+                    seconds[name] += batch_seconds
+                    tokens[name] += batch_tokens
+                    per_token[name] = batch_seconds / batch_tokens
+                for name, arm_ratios in ratios.items():
+                    arm_ratios.append(per_token[name] / per_token["base"])
+    arms = {name: {"tokens_per_s": tokens[name] / seconds[name],
+                   "sentences_per_s": rounds * len(prompts) / seconds[name],
+                   "seconds": seconds[name], "tokens": tokens[name]} for name in names}
+    slowdowns = {}
+    for name, arm_ratios in ratios.items():
+        slowdowns[f"{name}_slowdown"] = statistics.median(arm_ratios)
+        slowdowns[f"{name}_slowdown_total"] = arms["base"]["tokens_per_s"] / arms[name]["tokens_per_s"]
+    return {**arms, **slowdowns,
+            "deterministic": all(all(t == runs[0] for t in runs) for runs in texts.values()),
+            "generations": {name: runs[-1] for name, runs in texts.items()},
+            "setting": f"bf16, batch {batch_size}, greedy, max_new_tokens={max_new_tokens}, {rounds} rounds; "
+                       f"adapter: PeftModel unmerged{'; merged: merge_and_unload' if merged else ''}; "
+                       f"contiguous_head_input={contiguous_head_input}"}
+
 def _name(option: Any) -> str:
     """Plain value of a TrainingArguments enum field, e.g. OptimizerNames.ADAMW_TORCH_FUSED -> adamw_torch_fused."""
     return str(getattr(option, "value", option))
@@ -201,12 +292,17 @@ def _first_label(text: str, labels: list[str]) -> str | None:
 
 
 def generate_and_parse(model_dir: str, prompts: list[str], labels: list[str], batch_size: int,
-                       max_new_tokens: int = 4, adapter_dir: str | None = None) -> dict:
+                       max_new_tokens: int = 4, adapter_dir: str | None = None,
+                       contiguous_head_input: bool = False) -> dict:
     """Classification the usual way: greedy generate after each prompt, decode the new tokens, parse a label.
 
     Returns {"sentences_per_s", "predictions", "unparseable"} plus "seconds" and the decoded "generations". A
     label counts when it appears anywhere in the decoded text (earliest wins). The clock covers tokenising, generating
     and decoding every prompt after one untimed one-token warm-up generate; model loading is not timed.
+
+    With adapter_dir the frozen base under PeftModel pays torch's unfolded LM-head matmul at every prefill (a
+    weight-sized copy per batch, see llmtune.models.loader.keep_head_input_contiguous), as stock transformers + PEFT
+    do; contiguous_head_input=True applies llmtune's fix for it.
     """
     import torch
 
@@ -215,6 +311,10 @@ def generate_and_parse(model_dir: str, prompts: list[str], labels: list[str], ba
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter_dir)
+    if contiguous_head_input:
+        from llmtune.models.loader import keep_head_input_contiguous
+
+        keep_head_input_contiguous(model)
     model.eval()
     # Decoder-only batched generation must be left-padded so every row's new tokens follow its last prompt token.
     tokenizer.padding_side = "left"

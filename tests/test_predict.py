@@ -78,6 +78,19 @@ def test_predict_with_exported_model_matches_adapter(tiny_run, cache_dir, tmp_pa
         assert a["scores"] == pytest.approx(b["scores"], abs=1e-4)
 
 
+def test_predict_quantize_int8_agrees_with_the_runs_dtype(tiny_run, cache_dir):
+    from llmtune.models.int8 import Int8Linear
+
+    run_rows = [json.loads(line) for line in (tiny_run / "predictions.jsonl").read_text().splitlines()][:20]
+    loaded = load_run(tiny_run, quantize="int8")
+    assert any(isinstance(m, Int8Linear) for m in loaded.model.modules())
+    records = loaded.classify([r["text"] for r in run_rows])
+    agree = sum(rec["label"] == row["predicted"] for rec, row in zip(records, run_rows))
+    assert agree >= 19, agree  # int8 rounding may flip a near tie, not the run's predictions at large
+    result = run_llmtune(["predict", str(tiny_run), "input=-", "quantize=int4"], cache_dir, stdin='"x"\n')
+    assert result.returncode == 2 and "quantize=int4 is not known; use one of none, int8" in result.stderr
+
+
 @pytest.mark.parametrize("args, expected", [
     (["input=/no/such.csv"], "input=/no/such.csv does not exist"),
     (["input=-", "output=xml"], "output=xml is not known"),

@@ -37,6 +37,16 @@ KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false"}
 METAVARS = {int: "INT", float: "NUMBER", bool: "true|false", Path: "PATH", str: "TEXT"}
 
 
+Quantize = Literal["none", "int8"]  # predict's and serve's quantize= (llmtune.models.int8)
+
+
+def quantize_choice(given: str | None, cfg) -> str | None:
+    """predict's and serve's quantize=: as given on the command line, else the run's eval.quantize; None: no
+    quantisation."""
+    choice = given or cfg.eval.get("quantize") or "none"
+    return None if choice == "none" else choice
+
+
 def option(default: Any = dataclasses.MISSING, help: str = "", *, metavar: str | None = None,
            minimum: float | None = None, maximum: float | None = None, range_text: str | None = None,
            default_text: str | None = None, flags: tuple[str, ...] = ()) -> Any:

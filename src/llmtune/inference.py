@@ -101,16 +101,27 @@ class LoadedRun:
         if not self.generates:
             raise UserError(f"{self.run_dir} is a method={self.method.name} run: its model classifies and does not "
                             "generate text; classify with it, or use a run of an LM method")
+        from transformers import StoppingCriteriaList
+
+        from llmtune.evaluation.generation import DecodedTextStop, stop_token_ids
+
         self.model.eval()
-        inputs = self.tokenizer(prompt, return_tensors="pt")
+        inputs = self.tokenizer(prompt, return_tensors="pt").to(self.model.device)
         sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-        output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
-                                     **sampling)
+        markers = [marker for marker in stop or [] if marker]
+        # A stop text that is one token (e.g. <end_of_turn>) ends generation as EOS does; any other ends it once the
+        # decoded text holds it, instead of generating up to max_new_tokens only to cut there.
+        stop_ids = stop_token_ids(self.model, self.tokenizer, markers)
+        stop_at_text = [DecodedTextStop(self.tokenizer, inputs.input_ids.shape[1],
+                                        lambda text: any(marker in text for marker in markers))] if markers else []
+        output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, use_cache=True, eos_token_id=stop_ids,
+                                     pad_token_id=self.tokenizer.pad_token_id,
+                                     stopping_criteria=StoppingCriteriaList(stop_at_text), **sampling)
         new_ids = output[0, inputs.input_ids.shape[1]:]
         text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
-        ended = len(new_ids) < max_new_tokens or (len(new_ids) and int(new_ids[-1]) == self.tokenizer.eos_token_id)
-        for marker in stop or []:  # the answer template's closing text (e.g. <end_of_turn>) ends an answer too
-            if marker and marker in text:
+        ended = len(new_ids) < max_new_tokens or (len(new_ids) and int(new_ids[-1]) in stop_ids)
+        for marker in markers:  # the answer template's closing text (e.g. <end_of_turn>) ends an answer too
+            if marker in text:
                 text, ended = text[:text.index(marker)], True
         return {"text": text, "finish_reason": "stop" if ended else "length",
                 "prompt_tokens": int(inputs.input_ids.shape[1]), "completion_tokens": int(len(new_ids))}
@@ -143,10 +154,11 @@ def prompt_format_of(run_dir: Path, cfg: DictConfig, tokenizer) -> PromptFormat:
 
 
 def load_run(run_dir: str | Path, model_path: str | Path | None = None, dtype: str | None = None,
-             dequantize: bool = False, trust_remote_code: bool = False) -> LoadedRun:
+             dequantize: bool = False, trust_remote_code: bool = False, quantize: str | None = None) -> LoadedRun:
     """Load a run to predict with: model_path (an exported folder with config.json, or a .gguf file) or else the
     run's own weights on its base model. dtype overrides the model's configured dtype. dequantize: a 4-bit base
-    (qlora) is loaded as trained, then turned back into plain tensors of dtype, ready for merging the adapter."""
+    (qlora) is loaded as trained, then turned back into plain tensors of dtype, ready for merging the adapter.
+    quantize="int8": the decoder's linear layers in int8, for predict and serve (llmtune.models.int8)."""
     run_dir = Path(run_dir)
     cfg = run_config(run_dir)
     check_run_is_trusted(cfg, run_dir, trust_remote_code)  # the folder may come from someone else
@@ -156,6 +168,10 @@ def load_run(run_dir: str | Path, model_path: str | Path | None = None, dtype: s
                                             torch_dtype, dequantize, trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if quantize == "int8":
+        from llmtune.models.int8 import quantize_linears_int8
+
+        model = quantize_linears_int8(model)
     add_context = _run_retriever(cfg, task) if cfg.get("rag") else None  # config checks refuse rag for a head
     return LoadedRun(run_dir, cfg, tokenizer, model.eval(), prompt_format_of(run_dir, cfg, tokenizer), task.labels,
                      method, add_context, fitted_temperature(run_dir))

@@ -23,7 +23,7 @@ from typing import Literal
 
 import jsonschema
 
-from llmtune.cli import option, parse, positional
+from llmtune.cli import Quantize, option, parse, positional, quantize_choice
 from llmtune.data.labels import label_map, raw_label_of
 from llmtune.data.loading import render_text, text_fields
 from llmtune.errors import UserError
@@ -53,6 +53,8 @@ class PredictArgs:
                                      default_text="the run's dataset.text_column, or question_column for Q&A")
     overwrite: bool = option(False, "replace an existing out=FILE")
     trust_remote_code: bool = option(False, "load a run whose config asks for remote code or names its own model.path")
+    quantize: Quantize | None = option(None, "int8: the decoder's linear layers in int8 (CPU); none: the model's dtype",
+                                       default_text="the run's eval.quantize")
 
 
 def main(argv: list[str]) -> None:
@@ -78,7 +80,8 @@ def main(argv: list[str]) -> None:
     if not rows:
         raise UserError(f"{source} has no usable rows (0 of {len(bad)}): each row needs a non-empty "
                         f"'{column.name}'; set text_column=NAME if the text is in another column")
-    loaded = load_run(run_dir, options["model"], trust_remote_code=options["trust_remote_code"])
+    loaded = load_run(run_dir, options["model"], trust_remote_code=options["trust_remote_code"],
+                      quantize=quantize_choice(options["quantize"], cfg))
 
     started = time.perf_counter()
     texts, batch_size = [r["text"] for r in rows], options["batch_size"] or None

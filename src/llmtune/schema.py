@@ -73,6 +73,7 @@ class EvalSettings(_Section):
     baseline: bool
     batch_size: int = Field(ge=1)
     generation: GenerationSettings
+    quantize: Literal["int8"] | None = None
 
 
 class ModelSettings(_Section):

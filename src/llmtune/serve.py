@@ -61,7 +61,7 @@ from pydantic import AfterValidator, BaseModel, Field
 from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llmtune.cli import option, parse, positional
+from llmtune.cli import Quantize, option, parse, positional, quantize_choice
 from llmtune.errors import UserError
 
 if TYPE_CHECKING:
@@ -469,6 +469,8 @@ class ServeArgs:
     batch_window_ms: float = option(10.0, "how long /v1/classify waits to gather concurrent requests into one batch",
                                     minimum=0.0)
     trust_remote_code: bool = option(False, "load a run whose config asks for remote code or names its own model.path")
+    quantize: Quantize | None = option(None, "int8: the decoder's linear layers in int8 (CPU); none: the model's dtype",
+                                       default_text="the run's eval.quantize")
 
 
 def parse_args(argv: list[str]) -> tuple[Path, dict]:
@@ -500,9 +502,10 @@ def main(argv: list[str]) -> None:
 
     from llmtune.inference import load_run, run_config
 
-    run_config(run_dir)  # a wrong folder is named before a busy port is
+    cfg = run_config(run_dir)  # a wrong folder is named before a busy port is
     sock = listen(host, port)  # before the model loads, so a busy port fails fast
-    loaded = load_run(run_dir, options["model"], trust_remote_code=options["trust_remote_code"])
+    loaded = load_run(run_dir, options["model"], trust_remote_code=options["trust_remote_code"],
+                      quantize=quantize_choice(options["quantize"], cfg))
     app = create_app(loaded, options["max_body_bytes"], options["max_new_tokens"], options["max_prompt_tokens"],
                      max_queue=options["max_queue"], request_timeout_s=options["request_timeout_s"],
                      batch_window_ms=options["batch_window_ms"])
