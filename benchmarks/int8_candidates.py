@@ -21,6 +21,28 @@ The torchao arms run when `torchao` imports (pip install torchao); they are skip
 Timing: the machine is shared, so every arm scores the same length-sorted batch one after another, alternating the
 order, `--repeats` times; each arm's time is the sum over batches of its best time per batch. Every batch scores the
 shared instruction again (label_log_likelihoods per batch), the same extra work for every arm.
+
+Measured 2026-12-03 on a 2-core AMD EPYC (AVX-512 VNNI and BF16, no AMX) shared with other jobs, torch 2.13.0+cpu,
+torchao 0.18.0; base model, the 200 default test sentences, best of 3 per batch, 2 threads:
+
+    | arm                 | sentences/s | x bf16 | agreement with bf16 |
+    | bf16                |        15.6 |   1.00 | 1.0000 (200/200)    |
+    | int8_mm             |        18.1 |   1.17 | 0.9500 (190/200)    |
+    | int8_mm_bf16_down   |        16.9 |   1.08 | 0.9700 (194/200)    |
+    | ao_dynamic          |        17.4 |   1.12 | 0.9150 (183/200)    |
+    | torchao_dynamic     |         9.8 |   0.63 | 0.9600 (192/200)    |
+    | torchao_weight_only |        12.5 |   0.80 | 0.9750 (195/200)    |
+
+Other runs, the same way: `--threads 1` bf16 27.1, int8_mm 33.7 (1.24x), int8_mm_bf16_down 1.16x, ao_dynamic 1.27x;
+a quieter spell, tuned (the fpb seed-2 adapter, its own 900 test sentences, best of 1): bf16 40.0, int8_mm 46.4
+(1.16x, agreement 0.9800), int8_mm_bf16_down 1.12x (0.9878); base, 900 sentences: int8_mm agreement 0.9600. Under
+heavy load the ratio fell to 0.89-0.97x: the int8 path's many small eager ops suffer most when threads are descheduled.
+Bounds from prototype quantisers on the same 900 tuned sentences: fp32 vs bf16 0.9978; int8 weights alone, activations
+unquantised, 0.9922; SmoothQuant (alpha 0.5, 64 calibration prompts) with down_proj in bf16, 0.9922.
+
+Chosen: int8_mm, the fastest of those that use torch's maintained int8 path (torch.ao's dynamic Linear is as fast at
+one thread but 91.5% agreement, 7-bit per-tensor activations, and deprecated; torchao's eager int8 runs slower than
+bf16 here, its CPU speed comes with torch.compile). No candidate reaches 99.5% agreement on this model.
 """
 
 import argparse
@@ -35,14 +57,14 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO / "src"))
 os.environ.setdefault("LLMTUNE_PROGRESS_EVERY_S", "100000")  # no progress lines per batch
 
-from speed import DEFAULT_DATA, inputs, prompts_and_answers  # noqa: E402
+from speed import DEFAULT_DATA, inputs, prompts_and_answers
 
 ARMS = ["bf16", "int8_mm", "int8_mm_bf16_down", "ao_dynamic", "torchao_dynamic", "torchao_weight_only"]
 
 
 def decoder_linears(model):
     """(parent, attribute name, nn.Linear) for every plain nn.Linear inside the decoder."""
-    import torch.nn as nn
+    from torch import nn
 
     return [(parent, name, child) for parent in list(model.get_decoder().modules())
             for name, child in list(parent.named_children()) if type(child) is nn.Linear]
@@ -50,7 +72,7 @@ def decoder_linears(model):
 
 def ao_dynamic(model):
     import torch
-    import torch.nn as nn
+    from torch import nn
 
     class AoDynamicLinear(nn.Module):
         """torch.ao's dynamic qint8 Linear takes fp32 only: cast in and out."""

@@ -167,7 +167,7 @@ def arm_generate(args):
                               adapter_dir=args.adapter)
 
 
-def arm_llmtune_score(args):
+def arm_llmtune_score(args, quantize=False):
     from llmtune.data.prompts import shared_prefix_length
     from llmtune.evaluation.scoring import label_log_likelihoods
     from llmtune.models.loader import load_base_model
@@ -179,6 +179,11 @@ def arm_llmtune_score(args):
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, args.adapter)
+    params = non_embedding_params(model)  # before int8: its layers hold their weights as buffers, not parameters
+    if quantize:
+        from llmtune.models.int8 import quantize_linears_int8
+
+        model = quantize_linears_int8(model)  # merges an adapter first
     labels = list(cfg.dataset.labels)
     prompt_ids = [tokenizer(p).input_ids for p in prompts]
     # positions each sentence runs through the model: its tokens after the shared instruction, plus the label's
@@ -189,7 +194,7 @@ def arm_llmtune_score(args):
     scores = label_log_likelihoods(model, tokenizer, prompts, [fmt.answer(x) for x in labels], args.eval_batch_size)
     seconds = time.perf_counter() - start
     return {"sentences_per_s": len(prompts) / seconds, "seconds": seconds, "positions_per_sentence": positions,
-            "non_embedding_params": non_embedding_params(model),
+            "non_embedding_params": params,
             "predictions": [labels[i] for i in scores.argmax(1).tolist()]}
 
 
@@ -343,6 +348,7 @@ ARMS = {
     "adapter_merged": lambda args: arm_adapter_score(args, merged=True),
     "generation_before_fix": lambda args: arm_generation(args, fixed=False),
     "generation": arm_generation,
+    "llmtune_score_int8": lambda args: arm_llmtune_score(args, quantize=True),
 }
 
 
@@ -448,7 +454,8 @@ def inference_speed_tables(results, summary) -> list[str]:
 
     lines = []
     pairs = [("multi-token labels (9 labels)", "multitoken_label_by_label", "multitoken_one_pass", "sentences_per_s"),
-             ("scoring through an adapter", "adapter_unmerged", "adapter_merged", "sentences_per_s")]
+             ("scoring through an adapter", "adapter_unmerged", "adapter_merged", "sentences_per_s"),
+             ("int8 scoring", "llmtune_score", "llmtune_score_int8", "sentences_per_s")]
     for title, old, new, unit in pairs:
         if old not in results or new not in results or "error" in results[old] or "error" in results[new]:
             continue

@@ -88,8 +88,8 @@ def test_siblings_quantise_their_shared_input_once(tiny, monkeypatch):
     tokenizer, model = tiny
     quantize_linears_int8(model)
     calls = []
-    quantize_rows = int8.quantize_rows
-    monkeypatch.setattr(int8, "quantize_rows", lambda rows: calls.append(rows.shape) or quantize_rows(rows))
+    quantize_rows = int8._quantize_rows
+    monkeypatch.setattr(int8, "_quantize_rows", lambda rows: calls.append(rows.shape) or quantize_rows(rows))
     with torch.no_grad():
         model(**tokenizer(PROMPTS[:1], return_tensors="pt"))
     # per layer: the attention input (q, k, v), o's input, the MLP input (gate, up), down's input
@@ -129,7 +129,7 @@ def broken_int_mm(*args, **kwargs):
 def test_an_unavailable_kernel_is_a_one_line_user_error(tiny, monkeypatch, break_kernel):
     _, model = tiny
     break_kernel(monkeypatch)
-    with pytest.raises(UserError, match="eval.quantize") as error:
+    with pytest.raises(UserError, match="quantize=int8") as error:
         quantize_linears_int8(model)
     assert "\n" not in str(error.value)
     assert all(type(m) is nn.Linear for m in decoder_linears(model).values())  # nothing replaced

@@ -11,7 +11,11 @@ them, and label scoring swaps the head for a few-row one (llmtune.models.logits.
 reading the original weights. The result has no backward and no parameters in its linear layers, so it is for
 inference; training never calls this.
 
-Measured choice and figures: benchmarks/int8_candidates.py.
+What it buys and costs (Gemma 3 270M, Financial PhraseBank, 2-core AVX-512 VNNI CPU without AMX; the record and the
+other candidates: benchmarks/int8_candidates.py): label scoring ~1.16-1.27x the bf16 rate, not the kernel's ~2x,
+because the per-token quantise and dequantise passes run as separate eager ops; labels agree with bf16 on 98.0% of
+900 test sentences for a tuned model and 96.0% for the untuned base, short of 99.5%. Even int8 weights alone
+(activations left in bf16) reach only 99.2% there, so that is a ceiling for per-channel int8 on this model.
 """
 
 import weakref
@@ -20,6 +24,8 @@ import torch
 from torch import nn
 
 from llmtune.errors import UserError
+
+__all__ = ["Int8Linear", "quantize_linears_int8"]
 
 INT8_MAX = 127
 
@@ -35,20 +41,20 @@ def quantize_linears_int8(model):
     model = _merged(model)
     device = next(model.parameters()).device
     if device.type != "cpu":
-        raise UserError(f"eval.quantize=int8 runs on the CPU only (the model is on {device}); drop eval.quantize")
+        raise UserError(f"quantize=int8 runs on the CPU only (the model is on {device}); leave quantize unset")
     _check_int8_matmul()
     decoder = model.get_decoder()
     replaced = 0
     for parent in list(decoder.modules()):
         # Linears under one parent that read the same tensor (q/k/v, gate/up) quantise it once between them.
-        shared_input = QuantizedInput()
+        shared_input = _QuantizedInput()
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear:  # exact type: LoRA wrappers and already-quantised layers are left alone
                 setattr(parent, name, Int8Linear(child, shared_input))
                 replaced += 1
     if not replaced:
-        raise UserError(f"eval.quantize=int8 found no nn.Linear layers in {type(model).__name__}'s decoder to "
-                        "quantise; drop eval.quantize for this model")
+        raise UserError(f"quantize=int8 found no nn.Linear layers in {type(model).__name__}'s decoder to quantise; "
+                        "leave quantize unset for this model")
     return model
 
 
@@ -61,21 +67,21 @@ def _merged(model):
 def _check_int8_matmul() -> None:
     """Run the kernel once on a small product, so a torch without it fails here with one line, not mid-scoring."""
     if not torch.backends.mkldnn.is_available():  # without oneDNN, torch._int_mm is a slow reference loop
-        raise UserError("eval.quantize=int8 needs a torch build with oneDNN (torch.backends.mkldnn), which this one "
-                        "lacks; drop eval.quantize")
+        raise UserError("quantize=int8 needs a torch build with oneDNN (torch.backends.mkldnn), which this one lacks; "
+                        "leave quantize unset")
     ones = torch.ones((32, 64), dtype=torch.int8)
     try:
         product = torch._int_mm(ones, ones.T.contiguous())
     except (AttributeError, RuntimeError, NotImplementedError) as error:
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-        raise UserError(f"eval.quantize=int8 needs torch's int8 matmul (torch._int_mm) on this CPU, which failed: "
-                        f"{first_line}; drop eval.quantize") from None
+        raise UserError(f"quantize=int8 needs torch's int8 matmul (torch._int_mm) on this CPU, which failed: "
+                        f"{first_line}; leave quantize unset") from None
     if not bool((product == 64).all()):
-        raise UserError("eval.quantize=int8: torch's int8 matmul (torch._int_mm) gave a wrong product on this CPU; "
-                        "drop eval.quantize")
+        raise UserError("quantize=int8: torch's int8 matmul (torch._int_mm) gave a wrong product on this CPU; "
+                        "leave quantize unset")
 
 
-def quantize_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _quantize_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 values, fp32 scale per row) with rows ~= values * scale, symmetric, for a [M, K] tensor.
 
     The ops are chosen for eager speed on the CPU (each one is a full pass over the activations): the row maximum is
@@ -87,7 +93,7 @@ def quantize_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.div(rows, scale).round_().to(torch.int8), scale
 
 
-class QuantizedInput:
+class _QuantizedInput:
     """The last input of a group of sibling linears and its quantised form: q_proj, k_proj and v_proj (and gate_proj
     and up_proj) are called one after the other on the same tensor, and quantising it costs a third of a small
     linear's int8 matmul. The input is held by weak reference (the cache never keeps an activation alive) and checked
@@ -98,7 +104,7 @@ class QuantizedInput:
 
     def get(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self._source is None or self._source() is not x or self._version != x._version:
-            self._value = quantize_rows(x.reshape(-1, x.shape[-1]))
+            self._value = _quantize_rows(x.reshape(-1, x.shape[-1]))
             self._source, self._version = weakref.ref(x), x._version
         return self._value
 
@@ -107,7 +113,7 @@ class Int8Linear(nn.Module):
     """An inference-only stand-in for an nn.Linear: int8 weights (per output channel), int8 activations (per token),
     int32 accumulation, output in the input's dtype."""
 
-    def __init__(self, linear: nn.Linear, shared_input: QuantizedInput | None = None):
+    def __init__(self, linear: nn.Linear, shared_input: _QuantizedInput | None = None):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach().float()
@@ -116,7 +122,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_int8", torch.round(weight / scale[:, None]).to(torch.int8).T.contiguous())
         self.register_buffer("weight_scale", scale)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
-        self.shared_input = shared_input or QuantizedInput()
+        self.shared_input = shared_input or _QuantizedInput()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_int8, x_scale = self.shared_input.get(x)
