@@ -23,8 +23,10 @@ from llmtune.training.distributed import relaunched_argv
 quiet_libraries()  # library deprecation noise filtered for the whole process, before anything imports them
 register_resolvers()
 # bitsandbytes (imported by PEFT) warns at import, on every command, that the optional `kernels` package is missing;
-# its own CPU kernels work without it.
+# its own CPU kernels work without it. Where `kernels` is installed (transformers 5.25 requires it), it warns instead
+# that offline mode skips its publisher check for bitsandbytes' kernel: one line per command, not the user's concern.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+logging.getLogger("kernels").setLevel(logging.ERROR)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
