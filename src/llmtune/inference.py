@@ -21,7 +21,7 @@ from llmtune.errors import UserError
 from llmtune.methods import Method, method_of
 from llmtune.tasks import Task, task_of
 from llmtune.trust import check_run_is_trusted
-from llmtune.evaluation.generation import answer_questions
+from llmtune.evaluation.generation import answer_questions, closing_texts
 from llmtune.evaluation.scoring import label_choice
 
 
@@ -128,8 +128,7 @@ class LoadedRun:
 
     def stop_texts(self) -> list[str]:
         """What follows an answer in this prompt format (e.g. "<end_of_turn>"), as generation stop strings."""
-        closing = self.prompt_format.answer_template.split("{answer}", 1)[1]
-        return [closing] if closing.strip() else []
+        return closing_texts(self.prompt_format)
 
 
 def run_config(run_dir: Path) -> DictConfig:
