@@ -16,7 +16,7 @@ from llmtune.cli import option, parse, positional, rest
 from llmtune.errors import UserError
 
 ARGS_CLASSES = {"sweep": "SweepArgs", "report": "ReportArgs", "export": "ExportArgs", "predict": "PredictArgs",
-                "serve": "ServeArgs"}
+                "serve": "ServeArgs", "synth": "SynthArgs"}
 
 
 def one_error_line(result) -> str:

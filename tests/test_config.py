@@ -18,6 +18,8 @@ GROUPS = {group: sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"
 @pytest.mark.parametrize("model,method,dataset", list(itertools.product(*GROUPS.values())))
 def test_every_combination_composes(model, method, dataset, tmp_path):
     overrides = [f"model={model}", f"method={method}", f"dataset={dataset}", "dataset.path=some/file.csv"]
+    if dataset == "synth_labels":  # its labels are the ones synth was given: the command line names them
+        overrides.append("dataset.labels=[a,b]")
     cfg = compose_config(overrides, output_dir=tmp_path)
     resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     assert (resolved["model"]["name"], resolved["method"]["name"], resolved["dataset"]["name"]) == (model, method,
@@ -26,7 +28,7 @@ def test_every_combination_composes(model, method, dataset, tmp_path):
     assert "{instruction}" in resolved["model"]["prompt_template"] and "{input}" in resolved["model"]["prompt_template"]
     assert "{answer}" in resolved["model"]["answer_template"]
     qa = resolved["task"]["_target_"].endswith("QuestionAnswering")
-    assert qa == (dataset in ("hr_demo", "hr_policy_qa"))  # the dataset file selects its task
+    assert qa == (dataset in ("hr_demo", "hr_policy_qa", "synth_qa"))  # the dataset file selects its task
     if qa and (method == "classifier" or resolved["method"].get("demonstrations")):
         with pytest.raises(UserError, match="is a Q&A task"):  # these need labels
             build_components(cfg)

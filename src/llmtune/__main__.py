@@ -48,6 +48,7 @@ COMMANDS = {
     "export": Command("llmtune.export.cli", "ship a finished run as merged / GGUF / Ollama, checked against the run"),
     "predict": Command("llmtune.predict", "batch predictions with a finished run, from a CSV / JSONL file or stdin"),
     "serve": Command("llmtune.serve", "a finished run behind an OpenAI-compatible HTTP API"),
+    "synth": Command("llmtune.synth.cli", "a dataset written by a teacher LLM: Q&A from documents, labelled texts"),
 }
 HELP_FLAGS = ("-h", "--help")
 # Hydra's help, reduced to its list of config groups (it knows every config folder on the search path).

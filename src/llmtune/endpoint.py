@@ -72,6 +72,7 @@ class Tally:
 class Reply(NamedTuple):
     value: dict | None  # the reply as JSON matching the schema; None if none did
     error: str | None  # why not
+    failed: bool = False  # the request itself failed (after the client's retries), rather than the reply being invalid
 
 
 class Endpoint:
@@ -90,7 +91,7 @@ class Endpoint:
         here, before any work. A server without /models is fine when the model is named."""
         import openai
 
-        url = self.settings.url
+        url = without_credentials(self.settings.url)
         try:
             listed = [model.id for model in self.client.with_options(max_retries=1).models.list()]
         except (openai.APIConnectionError, openai.APITimeoutError) as error:
@@ -125,7 +126,7 @@ class Endpoint:
                                      "json_schema": {"name": schema_name, "schema": schema, "strict": True}})
             except openai.APIError as failure:
                 self.tally.add(failed_requests=1)
-                return Reply(None, f"request failed: {one_line(failure)}")
+                return Reply(None, f"request failed: {one_line(failure)}", failed=True)
             usage = response.usage
             self.tally.add(requests=1, prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
                            completion_tokens=getattr(usage, "completion_tokens", 0) or 0)
@@ -157,12 +158,17 @@ def parse_reply(text: str | None, schema: dict) -> tuple[dict | None, str | None
     try:
         value = json.loads(fenced.group(1) if fenced else text)
     except json.JSONDecodeError as error:
-        return None, f"reply is not JSON ({error.msg} at character {error.pos})"
+        return None, f"reply is not JSON ({error.msg}: character {error.pos})"
     try:
         jsonschema.validate(value, schema)
     except jsonschema.ValidationError as error:
         return None, f"reply does not match the schema ({error.message})"
     return value, None
+
+
+def without_credentials(url: str) -> str:
+    """url as it may be printed or written: a user:password@ part replaced by ***@."""
+    return re.sub(r"//[^/@]*@", "//***@", url)
 
 
 def one_line(error: Exception) -> str:
