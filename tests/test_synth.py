@@ -239,6 +239,20 @@ def test_qa_writes_a_dataset_that_a_run_loads(teacher, docs, tmp_path, capsys, m
                                                                                 "security.txt"}
 
 
+def test_max_chunks_asks_about_a_seeded_draw_of_the_chunks(teacher, docs, tmp_path, capsys):
+    drawn = {}
+    for seed in (1, 2):
+        out = tmp_path / f"out{seed}"
+        code, _, err = synth(capsys, *qa_args(teacher, docs, out, "min_score=0", "max_chunks=2", f"seed={seed}"))
+        assert code == 0, err
+        rows = read_csv(out / "qa.csv")
+        drawn[seed] = {row["question"] for row in rows}
+        assert len(rows) == 4 and len({row["id"].rsplit("/", 1)[0] for row in rows}) == 2  # 2 of 6 chunks, 2 pairs
+    assert len(teacher.log) == 4 and drawn[1] != drawn[2]
+    rerun = synth(capsys, *qa_args(teacher, docs, tmp_path / "out1", "min_score=0", "max_chunks=2", "seed=1"))
+    assert rerun[0] == 0 and len(teacher.log) == 4  # the same draw: nothing asked again
+
+
 def test_labelled_with_the_judge_keeps_what_scores_high_enough(teacher, tmp_path, capsys):
     out = tmp_path / "out"
     code, stdout, err = synth(capsys, "labelled", f"out={out}", f"url={teacher.url}", "labels=billing, outage",

@@ -10,6 +10,7 @@ counts, token tally; the API key's variable name, never the key).
 """
 
 import json
+import random
 import time
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
@@ -58,6 +59,8 @@ class SynthArgs:
     per_request: int = option(5, "labelled: examples asked for in one request", minimum=1)
     chunk_size: int = option(200, "words per document chunk", minimum=1)
     chunk_overlap: int = option(20, "words shared by consecutive chunks", minimum=0)
+    max_chunks: int = option(0, "draw this many of the chunks (with seed=), e.g. to try a teacher before paying for "
+                                "every chunk", minimum=0, range_text="at least 0; 0: every chunk")
     document_types: str = option(".txt,.md,.pdf", "the file kinds read from documents= (a folder holding a PDF and "
                                                   "its extracted text: give one kind)", metavar=".EXT,...")
     min_score: int = option(4, "keep rows the judge scores at least this (1-5)", minimum=0, maximum=5,
@@ -161,7 +164,11 @@ def read_documents(args: SynthArgs) -> list | None:
     if not any(path.is_file() and path.suffix.lower() in types for path in args.documents.rglob("*")):
         raise UserError(f"documents={args.documents} has no {', '.join(types)} files; add some, or point documents= "
                         "at the folder that holds them (document_types= sets the kinds read)")
-    return load_chunks(args.documents, args.chunk_size, args.chunk_overlap, types)
+    chunks = load_chunks(args.documents, args.chunk_size, args.chunk_overlap, types)
+    if 0 < args.max_chunks < len(chunks):  # a seeded draw, kept in document order
+        drawn = sorted(random.Random(args.seed).sample(range(len(chunks)), args.max_chunks))
+        chunks = [chunks[index] for index in drawn]
+    return chunks
 
 
 def document_types(args: SynthArgs) -> tuple[str, ...]:
