@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from llmtune.data.splits import SMALL_TEST_CLASS
+from llmtune.evaluation import judge
 from llmtune.files import write_atomic, write_atomic_with
 
 RETRIEVAL_EXAMPLES = 3  # rag=true: test rows shown in report.md with what was retrieved for them
@@ -17,9 +18,13 @@ INTERVALS_NOTE = "In brackets: the 95% bootstrap interval (1,000 seeded resample
 
 def write_run(run_dir: Path, summary: dict, predictions: dict, test_rows: list[dict], prompt_format, task) -> None:
     """Everything a finished run leaves: prompt.json (predict, serve and export prompt exactly as the run did),
-    predictions.jsonl, the task's figures, metrics.json, report.md, and the console table."""
+    predictions.jsonl, the task's figures, metrics.json, report.md, and the console table. With an LLM judge
+    (eval.judge), metrics.json also gets `judge`: its tally and how often it disagrees with ROUGE-L on base vs tuned."""
     prompt_format.save(run_dir)
     records = write_predictions(run_dir, predictions["tuned"], predictions.get("base"), test_rows)
+    judged = judge.run_summary(summary["results"], records)
+    if judged:
+        summary["judge"] = judged
     tuned_name = method_label(summary["run"])
     figures = task.figures(run_dir, summary["results"], tuned_name)
     write_metrics(run_dir, summary)
@@ -33,15 +38,16 @@ def write_metrics(run_dir: Path, summary: dict) -> None:
 
 
 def write_predictions(run_dir: Path, tuned: list[dict], base: list[dict] | None, rows: list[dict]) -> list[dict]:
-    """One line per test row: the tuned prediction (and label probabilities), the base model's when scored, and with
-    rag=true what was retrieved for the row."""
+    """One line per test row: the tuned prediction (and label probabilities, or the judge's verdict), the base
+    model's when scored, and with rag=true what was retrieved for the row."""
     records = []
     for index, prediction in enumerate(tuned):
         record = dict(prediction)
         if base is not None:
             record["base_predicted"] = base[index]["predicted"]
-            if "scores" in base[index]:
-                record["base_scores"] = base[index]["scores"]
+            for key in ("scores", "judge"):
+                if key in base[index]:
+                    record[f"base_{key}"] = base[index][key]
         if "retrieved" in rows[index]:
             record["retrieved"] = rows[index]["retrieved"]
         records.append(record)
@@ -99,14 +105,15 @@ def plot_reliability(run_dir: Path, results: dict, tuned_name: str = "tuned") ->
 
 def comparison_rows(results: dict, metrics: tuple[str, ...]) -> list[tuple[str, str, str]]:
     """(metric, base, tuned) rows with 3 decimals and the 95% bootstrap interval; '-' where the base model was not
-    scored (or a metric is None)."""
+    scored (or a metric is None). A metric that no model has (the judge's, when it was off or failed) is no row."""
     def cell(name, key):
-        value = results.get(name, {}).get(key)
-        interval = results.get(name, {}).get("intervals", {}).get(key)
+        value = (results.get(name) or {}).get(key)
+        interval = (results.get(name) or {}).get("intervals", {}).get(key)
         if value is None:
             return "-"
         return f"{value:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else f"{value:.3f}"
-    return [(key, cell("base", key), cell("tuned", key)) for key in metrics]
+    shown = [key for key in metrics if any(key in (results.get(name) or {}) for name in ("base", "tuned"))]
+    return [(key, cell("base", key), cell("tuned", key)) for key in shown]
 
 
 def calibration_line(summary: dict) -> list[str]:
@@ -164,6 +171,7 @@ def write_report(run_dir: Path, summary: dict, figures: list[str], records: list
         lines += ["", f"Validation ({tuned_name}, n={results['val']['n']}): "
                   + ", ".join(f"{key} {results['val'][key]:.3f}" for key in shown) + "."]
     lines += detail
+    lines += judge.report_lines(summary, tuned_name)
     if summary.get("retrieval"):
         lines += _retrieval_section(summary["retrieval"], records)
     lines += ["", "Wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timing.items()), ""]
@@ -232,10 +240,20 @@ def answer_examples(records: list[dict], tuned_name: str) -> list[str]:
     lines = ["", f"Example answers (first {RETRIEVAL_EXAMPLES} test rows):", ""]
     for record in records[:RETRIEVAL_EXAMPLES]:
         lines += [f"- **Q:** {record['text']}", f"  - reference: {record['gold']}",
-                  f"  - {tuned_name}: {record['predicted']}"]
+                  f"  - {tuned_name}: {record['predicted']}{_verdict_note(record.get('judge'))}"]
         if "base_predicted" in record:
-            lines.append(f"  - base: {record['base_predicted']}")
+            lines.append(f"  - base: {record['base_predicted']}{_verdict_note(record.get('base_judge'))}")
     return lines
+
+
+def _verdict_note(verdict: dict | None) -> str:
+    """The judge's grades of an example answer, as report.md shows them after it."""
+    if not verdict:
+        return ""
+    if "invalid" in verdict:
+        return " *(judge: no valid reply)*"
+    return (f" *(judge: correctness {verdict['correctness']}, relevance {verdict['relevance']}: "
+            f"{verdict['reason']})*")
 
 
 def _retrieval_section(retrieval: dict, records: list[dict]) -> list[str]:

@@ -6,12 +6,17 @@ signatures: llmtune.config.signature_problems). Values must already have the rig
 the string "abc" and `rag=no` as the string "no", and neither is coerced.
 """
 
+import re
 from typing import Literal
 
 from omegaconf import DictConfig, OmegaConf
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 ACCELERATORS = Literal["auto", "cpu", "gpu", "cuda", "mps", "tpu", "hpu"]
+# What the judge's prompt must contain (llmtune.evaluation.judge fills them in).
+JUDGE_PLACEHOLDERS = ("{question}", "{reference}", "{answer}")
+# Keys whose bad value is not repeated in the error line: what was given there may be the secret itself.
+UNECHOED_KEYS = ("eval.judge.api_key_env",)
 
 
 class _Section(BaseModel):
@@ -69,11 +74,62 @@ class GenerationSettings(_Section):
     temperature: float = Field(gt=0)
 
 
+class JudgePromptSettings(_Section):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    version: str | int
+    system: str
+    user: str
+
+    @field_validator("user")
+    @classmethod
+    def _has_every_placeholder(cls, user: str) -> str:
+        missing = [name for name in JUDGE_PLACEHOLDERS if name not in user]
+        if missing:
+            raise ValueError(f"must contain {', '.join(missing)} (replaced by the row's texts)")
+        return user
+
+
+class JudgeSettings(_Section):
+    """eval.judge: an OpenAI-compatible endpoint grading Q&A answers (llmtune.evaluation.judge); off without url.
+    A key not listed here is a typo (extra keys forbidden), not a setting passed through."""
+    model_config = ConfigDict(strict=True, extra="forbid")
+    url: str | None = None
+    model: str | None = None
+    api_key_env: str
+    concurrency: int = Field(ge=1, le=64)
+    timeout_s: float = Field(gt=0)
+    max_retries: int = Field(ge=0, le=10)
+    attempts: int = Field(ge=1, le=10)
+    max_rows: int | None = Field(ge=1)
+    temperature: float = Field(ge=0, le=2)
+    max_tokens: int = Field(ge=16)
+    usd_per_million_input_tokens: float = Field(ge=0)
+    usd_per_million_output_tokens: float = Field(ge=0)
+    prompt: JudgePromptSettings
+
+    @field_validator("url")
+    @classmethod
+    def _is_an_api_base_url(cls, url: str | None) -> str | None:
+        if url is not None and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", url):
+            raise ValueError("must be the API's base URL, starting with http:// or https:// "
+                             "(e.g. http://127.0.0.1:8000/v1), or null to turn the judge off")
+        return url
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _is_a_variable_name(cls, name: str) -> str:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise ValueError("must name an environment variable (e.g. OPENAI_API_KEY), not hold the key: keys are "
+                             "read from the environment only")
+        return name
+
+
 class EvalSettings(_Section):
     baseline: bool
     batch_size: int = Field(ge=1)
     generation: GenerationSettings
     quantize: Literal["int8"] | None = None
+    judge: JudgeSettings | None = None  # runs saved before the judge existed have none
 
 
 class ModelSettings(_Section):
@@ -144,6 +200,11 @@ def schema_problems(cfg: DictConfig) -> list[str]:
 def _describe(problem: dict) -> str:
     """`trainer.max_epochs='abc' must be a valid integer`; the union member pydantic tried is left out of the key."""
     key = ".".join(str(part) for part in problem["loc"] if not _is_type_tag(part))
+    if key in UNECHOED_KEYS:
+        return f"{key} {problem['msg'].replace('Value error, ', '')}"
+    if problem["type"] == "extra_forbidden":
+        section = key.rpartition(".")[0]
+        return f"{key} is not a setting of {section}; remove it (a typo of another {section} key?)"
     if problem["type"] == "missing":
         return f"{key} is missing: set {key}=..."
     if problem["type"].startswith("bool"):

@@ -16,7 +16,10 @@ CLASSIFICATION_METRICS = ("val/accuracy", "val/macro_f1", "test/accuracy", "test
                           "base/test_accuracy", "base/test_macro_f1")
 # Q&A runs (task=qa): generated answers against the references.
 QA_METRICS = ("val/rougeL", "test/bleu", "test/rougeL", "test/ngram_similarity", "test/token_presence",
-              "base/test_bleu", "base/test_rougeL", "base/test_ngram_similarity", "base/test_token_presence")
+              "base/test_bleu", "base/test_rougeL", "base/test_ngram_similarity", "base/test_token_presence",
+              # eval.judge: present only where the run was judged
+              "test/judge_correctness", "test/judge_relevance", "base/test_judge_correctness",
+              "base/test_judge_relevance")
 FINAL_METRICS = CLASSIFICATION_METRICS + QA_METRICS
 # Logged during training by the LightningModule.
 STEP_METRICS = ("train/loss", "val/loss")

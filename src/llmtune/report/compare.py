@@ -16,9 +16,8 @@ from llmtune.cli import option, parse, positional
 from llmtune.errors import UserError
 from llmtune.report import figures, params
 from llmtune.files import write_atomic
-from llmtune.report.runs import RUN_MARKERS, Run, find_run_dirs, read_run_record
+from llmtune.report.runs import RANKABLE_METRICS, RUN_MARKERS, Run, find_run_dirs, read_run_record
 from llmtune.report.significance import discordant_counts, mcnemar_exact, mcnemar_p
-from llmtune.tracking import FINAL_METRICS
 
 SIGNIFICANCE_LEVEL = 0.05
 # The ranking metric's 95% bootstrap interval (each run's own, over its test rows)
@@ -33,7 +32,8 @@ class ReportArgs:
 
     dir: Path = positional("a run folder, a Hydra multirun or sweep folder, or outputs/", metavar="DIR")
     # A plain string, not a choice: main names the metrics with its own hint, also for a metric no run logged.
-    metric: str | None = option(None, f"rank by this metric, higher is better: {', '.join(FINAL_METRICS)}",
+    metric: str | None = option(None, "rank by this metric, higher is better (a name alone is the tuned model's "
+                                f"test metric, e.g. judge_correctness): {', '.join(RANKABLE_METRICS)}",
                                 metavar="METRIC", default_text="a sweep's own metric from its sweep.json, else "
                                                                "test/accuracy, or test/rougeL for Q&A runs")
     axes: str | None = option(None, "two config keys for the heatmap, e.g. model.name,method.lora.r",
@@ -48,10 +48,9 @@ def parse_args(argv: list[str]) -> ReportArgs:
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
     root = args.dir
-    if args.metric and args.metric not in FINAL_METRICS:
-        raise UserError(f"unknown metric {args.metric!r}; pass --metric with one of: {', '.join(FINAL_METRICS)}")
+    chosen = args.metric and metric_name(args.metric)
     runs = load_runs(root)
-    metric = args.metric or sweep_metric(root) or default_metric(runs)
+    metric = chosen or sweep_metric(root) or default_metric(runs)
     check_metric_logged(runs, metric, root)
     varying = params.varying_params([run.config for run in runs])
     requested_axes = heatmap_axes(args.axes, varying, runs, root)
@@ -68,7 +67,7 @@ def main(argv: list[str]) -> None:
     groups = config_groups(ranked, factors, metric)
     runs_by_name = {run.name: run for run in runs}
 
-    csv_columns = ["run", "status", *varying, *FINAL_METRICS, *INTERVAL_COLUMNS, "mcnemar_p_base_vs_tuned",
+    csv_columns = ["run", "status", *varying, *RANKABLE_METRICS, *INTERVAL_COLUMNS, "mcnemar_p_base_vs_tuned",
                    "train_tokens_per_s", "total_s", "error"]
     write_atomic(out_dir / "results.csv", table[csv_columns].to_csv(index=False))
     lines = header(root, table, metric, shown, follows, names)
@@ -97,6 +96,15 @@ def load_runs(root: Path) -> list[Run]:
     return runs
 
 
+def metric_name(given: str) -> str:
+    """The ranking metric given as metric=: a full name (test/rougeL, base/test_judge_correctness), or a name alone
+    for the tuned model's test metric (judge_correctness -> test/judge_correctness)."""
+    name = given if "/" in given else f"test/{given}"
+    if name not in RANKABLE_METRICS:
+        raise UserError(f"unknown metric {given!r}; pass --metric with one of: {', '.join(RANKABLE_METRICS)}")
+    return name
+
+
 def sweep_metric(root: Path) -> str | None:
     """The metric an `llmtune sweep` folder optimised (its sweep.json), so its report ranks trials the same way."""
     try:
@@ -115,9 +123,10 @@ def default_metric(runs: list[Run]) -> str:
 def check_metric_logged(runs: list[Run], metric: str, root: Path) -> None:
     completed = [run for run in runs if run.status == "completed"]
     if completed and not any(metric in run.metrics for run in completed):
-        logged = [name for name in FINAL_METRICS if any(name in run.metrics for run in completed)]
+        logged = [name for name in RANKABLE_METRICS if any(name in run.metrics for run in completed)]
         raise UserError(f"no completed run under {root} logged {metric} (base/* needs eval.baseline=true, val/* a "
-                        f"newer run); pass --metric with one they did: {', '.join(logged)}")
+                        f"newer run, */*judge_* a Q&A run with eval.judge.url); pass --metric with one they did: "
+                        f"{', '.join(logged)}")
 
 
 def heatmap_axes(option: str | None, varying: list[str], runs: list[Run], root: Path) -> list[str] | None:
@@ -158,7 +167,7 @@ def runs_table(runs: list[Run], keys: list[str], metric: str) -> pd.DataFrame:
         both_scored = run.tuned_correct is not None and run.base_correct is not None
         rows.append({
             "run": run.name, "status": run.status, **{key: run.config.get(key) for key in keys},
-            **{name: run.metrics.get(name) for name in FINAL_METRICS},
+            **{name: run.metrics.get(name) for name in RANKABLE_METRICS},
             **dict(zip(INTERVAL_COLUMNS, interval_of(run.summary, metric))),
             "mcnemar_p_base_vs_tuned": mcnemar_p(run.tuned_correct, run.base_correct) if both_scored else None,
             "train_tokens_per_s": run.summary.get("train", {}).get("tokens_per_s"),
@@ -166,7 +175,7 @@ def runs_table(runs: list[Run], keys: list[str], metric: str) -> pd.DataFrame:
             "error": run.error,
         })
     table = pd.DataFrame(rows)
-    table[list(FINAL_METRICS)] = table[list(FINAL_METRICS)].astype(float)
+    table[list(RANKABLE_METRICS)] = table[list(RANKABLE_METRICS)].astype(float)
     # Completed runs by the metric (best first), then failed and incomplete ones; ties keep the folder order.
     order = table["status"].ne("completed") | table[metric].isna()
     return table.assign(_later=order).sort_values(["_later", metric], ascending=[True, False], kind="stable",

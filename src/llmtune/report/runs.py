@@ -8,9 +8,14 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from llmtune.evaluation import judge
 from llmtune.report.params import drop_location_values, flatten_config
 from llmtune.run_state import read_status
 from llmtune.tracking import FINAL_METRICS, final_metrics
+
+# What a report can rank by: the metrics a run logs, and the LLM judge's means (eval.judge), which metrics.json keeps
+# in its results (trackers are not sent them).
+RANKABLE_METRICS = tuple(dict.fromkeys(FINAL_METRICS + judge.REPORT_METRICS))
 
 # A folder holding either file is a run: status.json appears when a run starts, metrics.json when it ends
 # (legacy runs wrote only metrics.json).
@@ -24,7 +29,7 @@ class Run:
     status: str  # completed | failed | incomplete
     error: str | None
     config: dict  # flattened dot keys, see params.flatten_config
-    metrics: dict[str, float]  # the FINAL_METRICS this run logged
+    metrics: dict[str, float]  # the RANKABLE_METRICS this run has
     summary: dict  # metrics.json as written ({} until the run completes)
     tuned_correct: dict | None  # test id -> tuned prediction == gold, from predictions.jsonl
     base_correct: dict | None  # the same for the base model, when it was scored
@@ -61,6 +66,7 @@ def read_run_record(path: Path, root: Path) -> Run:
     if summary:
         logged = summary.get("logged") or final_metrics(summary["results"])  # older runs kept only "results"
         metrics = {name: logged[name] for name in FINAL_METRICS if name in logged}
+        metrics.update(judge.reported_metrics(summary["results"]))
     # Right/wrong per test row, for McNemar's test; a generated Q&A answer is not right or wrong as a whole.
     classified = summary and "confusion_matrix" in summary["results"].get("tuned", {})
     tuned_correct, base_correct = read_correctness(path / "predictions.jsonl") if classified else (None, None)

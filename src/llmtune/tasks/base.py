@@ -45,8 +45,9 @@ class Task(ABC):
         """How a language model answers rows: {id, text, gold, predicted, ...} per row, in order."""
 
     @abstractmethod
-    def metrics(self, predictions: list[dict]) -> dict:
-        """Every metric of the predictions, with `n`."""
+    def metrics(self, predictions: list[dict], test: bool = False) -> dict:
+        """Every metric of the predictions, with `n`. test: they are the run's final answers to the test split, where
+        costly judgement (an LLM judge) is spent; validation scoring is not."""
 
     @abstractmethod
     def retriever(self, retriever_cfg: DictConfig, train: list[dict], cache_dir: str | Path
