@@ -8,7 +8,7 @@ prompt, or for a classification head the raw text) and how it scores the labels.
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -39,6 +39,8 @@ class LoadedRun:
     add_context: Callable[[list[dict]], None] | None = None
     # Temperature scaling fitted on the run's validation split (metrics.json: calibration.temperature); 1.0: none
     temperature: float = 1.0
+    # The tokenizer as structured generation reads it (structured.JsonVocabulary), built when first needed
+    _json_vocabulary: object = field(default=None, init=False, repr=False)
 
     def prompts(self, texts: list[str], prompt_format: PromptFormat | None = None) -> list[str]:
         """Each text's prompt as the run built it: with rag=true, what the run's retriever finds goes in too."""
@@ -95,36 +97,61 @@ class LoadedRun:
 
     @torch.no_grad()
     def generate(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
-                 stop: list[str] | None = None) -> dict:
+                 stop: list[str] | None = None, end_texts: list[str] | None = None,
+                 json_schema: dict | None = None) -> dict:
         """Continue one prompt: {text, finish_reason (stop|length), prompt_tokens, completion_tokens}.
-        temperature 0 is greedy decoding (reproducible)."""
+        temperature 0 is greedy decoding (reproducible). stop and end_texts (what closes an answer in the prompt
+        format, stop_texts()) both end the text where they appear. json_schema (structured.enforceable_schema's):
+        the text is JSON matching it, generated until that JSON is complete (or max_new_tokens); end_texts then only
+        end it as tokens, once the JSON is complete, since a closing text such as a line break may also sit inside
+        the JSON."""
         if not self.generates:
             raise UserError(f"{self.run_dir} is a method={self.method.name} run: its model classifies and does not "
                             "generate text; classify with it, or use a run of an LM method")
-        from transformers import StoppingCriteriaList
+        from transformers import LogitsProcessorList, StoppingCriteriaList
 
         from llmtune.evaluation.generation import DecodedTextStop, stop_token_ids
 
         self.model.eval()
         inputs = self.tokenizer(prompt, return_tensors="pt").to(self.model.device)
+        prompt_length = inputs.input_ids.shape[1]
         sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-        markers = [marker for marker in stop or [] if marker]
+        ends = [text for text in end_texts or [] if text]
+        markers = [marker for marker in stop or [] if marker] + (ends if json_schema is None else [])
         # A stop text that is one token (e.g. <end_of_turn>) ends generation as EOS does; any other ends it once the
         # decoded text holds it, instead of generating up to max_new_tokens only to cut there.
-        stop_ids = stop_token_ids(self.model, self.tokenizer, markers)
-        stop_at_text = [DecodedTextStop(self.tokenizer, inputs.input_ids.shape[1],
+        stop_ids = stop_token_ids(self.model, self.tokenizer, markers + ends)
+        stop_at_text = [DecodedTextStop(self.tokenizer, prompt_length,
                                         lambda text: any(marker in text for marker in markers))] if markers else []
+        constraint = [] if json_schema is None else [self.json_logits(json_schema, prompt_length, ends)]
         output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, use_cache=True, eos_token_id=stop_ids,
                                      pad_token_id=self.tokenizer.pad_token_id,
-                                     stopping_criteria=StoppingCriteriaList(stop_at_text), **sampling)
-        new_ids = output[0, inputs.input_ids.shape[1]:]
+                                     stopping_criteria=StoppingCriteriaList(stop_at_text),
+                                     logits_processor=LogitsProcessorList(constraint), **sampling)
+        new_ids = output[0, prompt_length:]
         text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
         ended = len(new_ids) < max_new_tokens or (len(new_ids) and int(new_ids[-1]) in stop_ids)
+        cut = False
         for marker in markers:  # the answer template's closing text (e.g. <end_of_turn>) ends an answer too
             if marker in text:
-                text, ended = text[:text.index(marker)], True
+                text, ended, cut = text[:text.index(marker)], True, True
+        if json_schema is not None and ended and not cut and not valid_json(text):
+            # Only the constraint's own failure ends the text early: it allows an end once the JSON is complete,
+            # and allows nothing but the end when it finds no token to continue with (it logs why).
+            raise RuntimeError(f"constrained generation stopped before the JSON was complete: {text[-80:]!r}")
         return {"text": text, "finish_reason": "stop" if ended else "length",
-                "prompt_tokens": int(inputs.input_ids.shape[1]), "completion_tokens": int(len(new_ids))}
+                "prompt_tokens": int(prompt_length), "completion_tokens": int(len(new_ids))}
+
+    def json_logits(self, json_schema: dict, prompt_length: int, end_texts: list[str]):
+        """The logits processor that keeps generation to JSON matching json_schema, ended by the model's EOS or the
+        prompt format's closing token."""
+        from llmtune.evaluation.generation import stop_token_ids
+        from llmtune.structured import JsonLogits, JsonVocabulary
+
+        if self._json_vocabulary is None:  # one pass over the vocabulary, on the first structured request
+            self._json_vocabulary = JsonVocabulary.of(self.tokenizer, self.model.config.get_text_config().vocab_size)
+        return JsonLogits(self._json_vocabulary, json_schema, prompt_length,
+                          stop_token_ids(self.model, self.tokenizer, end_texts))
 
     def stop_texts(self) -> list[str]:
         """What follows an answer in this prompt format (e.g. "<end_of_turn>"), as generation stop strings."""
@@ -174,6 +201,14 @@ def load_run(run_dir: str | Path, model_path: str | Path | None = None, dtype: s
     add_context = _run_retriever(cfg, task) if cfg.get("rag") else None  # config checks refuse rag for a head
     return LoadedRun(run_dir, cfg, tokenizer, model.eval(), prompt_format_of(run_dir, cfg, tokenizer), task.labels,
                      method, add_context, fitted_temperature(run_dir))
+
+
+def valid_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
 
 
 def fitted_temperature(run_dir: Path) -> float:

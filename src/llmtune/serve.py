@@ -24,6 +24,14 @@ max_tokens defaults to the server's max_new_tokens and may not exceed it, stop i
 also stops at the end of the prompt format's answer turn). Stop strings cut the text after generation, so
 usage.completion_tokens counts every generated token. n must be 1; stream=true is refused (no SSE).
 
+Structured output: response_format {"type": "json_schema", "json_schema": {"name", "schema", "strict"}} constrains
+generation (lm-format-enforcer, llmtune.structured) so that the reply is JSON matching the schema, whatever the
+model would write; {"type": "json_object"} to any JSON object; {"type": "text"} (or none) is free text. The reply
+then runs until its JSON is complete (the answer turn's closing token is allowed only there, and does not cut a
+line break inside the JSON) or max_tokens (finish_reason "length", the JSON unfinished); stop strings still cut it.
+A schema with a keyword the constraint would not enforce (a number's bounds, format, oneOf, ...) gets 400, code
+"unsupported_schema", naming the keyword and where it is; an integer range of at most 1000 values is enforced.
+
 Every error is JSON in OpenAI's shape {"error": {"message", "type", "code"}}: invalid JSON or a request that does
 not validate -> 400 (never FastAPI's 422), a body over max_body_bytes -> 413 (checked before parsing), a prompt over
 max_prompt_tokens tokens or max_tokens over max_new_tokens -> 400, text that is not valid Unicode (a lone surrogate
@@ -118,6 +126,18 @@ class Message(BaseModel):
     content: Text
 
 
+class JsonSchemaFormat(BaseModel):
+    name: Text | None = None  # OpenAI requires a name; nothing here reads it, so a client may leave it out
+    description: Text | None = None
+    json_schema: dict = Field(alias="schema")  # "schema" itself would shadow a BaseModel method
+    strict: bool | None = None  # the reply always matches the schema: strict or not, generation is constrained
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class GenerationRequest(BaseModel):
     """Fields both generating routes share; unknown fields (top_p, user, ...) are ignored, as clients send them."""
     model: Text | None = None
@@ -126,6 +146,7 @@ class GenerationRequest(BaseModel):
     stop: Texts | None = None
     stream: bool = False
     n: int = 1
+    response_format: ResponseFormat | None = None
 
 
 class ChatRequest(GenerationRequest):
@@ -363,6 +384,24 @@ def create_app(loaded: "LoadedRun", max_body_bytes: int = 65536, max_new_tokens:
             raise ApiError(400, f"stop has {len(stop)} strings; at most {MAX_STOP_STRINGS}", "invalid_request")
         return max_tokens, stop
 
+    def json_schema_of(request: GenerationRequest) -> dict | None:
+        """The schema the reply must match (None: free text), checked before the request waits for the model."""
+        from llmtune.structured import ANY_OBJECT, UnsupportedSchema, enforceable_schema
+
+        response_format = request.response_format
+        if response_format is None or response_format.type == "text":
+            return None
+        if response_format.type == "json_object":
+            return enforceable_schema(ANY_OBJECT)
+        if response_format.json_schema is None:
+            raise ApiError(400, "response_format.json_schema is missing: send {\"type\": \"json_schema\", "
+                                "\"json_schema\": {\"name\": ..., \"schema\": {...}}}", "invalid_request")
+        try:
+            return enforceable_schema(response_format.json_schema.json_schema)
+        except UnsupportedSchema as error:
+            raise ApiError(400, f"response_format.json_schema.schema is not supported: {error}",
+                           "unsupported_schema") from None
+
     worker = app.state.worker = ModelWorker(loaded, check_prompt, max_queue, batch_window_ms / 1000)  # state: tests
 
     async def on_model(job: Job):
@@ -376,11 +415,13 @@ def create_app(loaded: "LoadedRun", max_body_bytes: int = 65536, max_new_tokens:
                            "timeout", "server_error") from None
 
     async def generate(prompt_of: Callable[[], str], request: GenerationRequest, stop: list[str],
-                       max_tokens: int) -> dict:
+                       max_tokens: int, end_texts: list[str] | None = None) -> dict:
+        json_schema = json_schema_of(request)
+
         def run() -> dict:  # on the model thread: prompt_of may retrieve (rag=true), and the tokenizer is shared
             prompt = prompt_of()
             check_prompt(prompt)
-            return loaded.generate(prompt, max_tokens, request.temperature, stop)
+            return loaded.generate(prompt, max_tokens, request.temperature, stop, end_texts, json_schema)
 
         return await on_model(Job(run=run))
 
@@ -425,8 +466,8 @@ def create_app(loaded: "LoadedRun", max_body_bytes: int = 65536, max_new_tokens:
         turns = [f"{m.role}: {m.content}" for m in history if m.role != "system"]
         text = "\n".join(turns) + "\n\n" + last.content if turns else last.content
         # rag=true runs: the run's retriever adds what it finds for this text, as in the run's own prompts.
-        result = await generate(lambda: loaded.prompts([text], prompt_format)[0], request,
-                                stop + loaded.stop_texts(), max_tokens)
+        result = await generate(lambda: loaded.prompts([text], prompt_format)[0], request, stop, max_tokens,
+                                loaded.stop_texts())
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": loaded.name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": result["text"]},
