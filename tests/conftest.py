@@ -1,11 +1,17 @@
 """Shared fixtures: the real Hydra config composed with the compose API, and a tiny model saved to disk."""
 
 import os
+import socket
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import uvicorn
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
@@ -65,3 +71,28 @@ def run_llmtune(args: list[str], cache_dir: Path, stdin: str | None = None) -> s
     env.pop("HYDRA_FULL_ERROR", None)
     return subprocess.run([sys.executable, "-m", "llmtune", *args], input=stdin, capture_output=True, text=True,
                           env=env, cwd=Path(CONFIG_DIR).parent, timeout=600, check=False)
+
+
+@contextmanager
+def serving(app) -> Iterator[str]:
+    """app on a uvicorn server in a background thread, on a free loopback port, stopped on leaving: yields its base
+    URL, http://127.0.0.1:PORT. A real HTTP server, as users' clients meet it."""
+    sock = socket.create_server(("127.0.0.1", 0))  # the port is held from the start: no race for it
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: server.started or not thread.is_alive())
+        assert server.started, "the server did not start"
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+def wait_until(condition, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.01)

@@ -6,17 +6,14 @@ import json
 import logging
 import re
 import socket
-import threading
-import time
 from collections import Counter
 from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 
 import pytest
-import uvicorn
 import yaml
-from conftest import compose_config
+from conftest import compose_config, serving
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from omegaconf import OmegaConf, open_dict
@@ -92,22 +89,10 @@ class FakeJudge:
 
 
 @contextmanager
-def serving(judge: FakeJudge):
+def serving_judge(judge: FakeJudge):
     """The fake judge on a free loopback port in a background thread; yields its API base URL."""
-    sock = socket.create_server(("127.0.0.1", 0))  # held from the start: no race for the port
-    server = uvicorn.Server(uvicorn.Config(judge.app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started and thread.is_alive():
-            assert time.monotonic() < deadline, "the fake judge did not start"
-            time.sleep(0.01)
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
+    with serving(judge.app) as base_url:
+        yield f"{base_url}/v1"
 
 
 def free_port() -> int:
@@ -149,7 +134,7 @@ def predictions(answer_column: int) -> list[dict]:
 
 def test_judge_scores_means_distributions_and_rouge_disagreement_over_http():
     fake = FakeJudge()
-    with serving(fake) as url:
+    with serving_judge(fake) as url:
         judge = AnswerJudge(judge_settings(url))
         tuned, base = predictions(2), predictions(3)
         tuned_metrics, base_metrics = judge.grade(tuned), judge.grade(base)
@@ -187,7 +172,7 @@ def test_judge_scores_means_distributions_and_rouge_disagreement_over_http():
 
 
 def test_only_the_first_max_rows_answers_are_judged():
-    with serving(FakeJudge()) as url:
+    with serving_judge(FakeJudge()) as url:
         rows = predictions(3)
         metrics = AnswerJudge(judge_settings(url, max_rows=2)).grade(rows)
     assert [("judge" in row) for row in rows] == [True, True, False, False, False, False]
@@ -196,7 +181,7 @@ def test_only_the_first_max_rows_answers_are_judged():
 
 def test_a_request_timing_out_is_asked_again():
     fake = FakeJudge()
-    with serving(fake) as url:
+    with serving_judge(fake) as url:
         rows = predictions(3)[:1]
         rows[0]["predicted"] = "SLOWLY some leave"
         metrics = AnswerJudge(judge_settings(url, timeout_s=SLOW_S / 2)).grade(rows)
@@ -206,7 +191,7 @@ def test_a_request_timing_out_is_asked_again():
 
 def test_an_endpoint_failing_midway_is_one_warning_and_no_judge_metrics(caplog):
     fake = FakeJudge()
-    with serving(fake) as url:
+    with serving_judge(fake) as url:
         judge = AnswerJudge(judge_settings(url, max_retries=1, concurrency=1))
         tuned = predictions(2)
         tuned[1]["predicted"] = "DOWN for good"
@@ -277,7 +262,7 @@ def test_a_judged_qa_run_writes_scores_side_by_side_never_the_key(tmp_path, cach
     secret = "sk-judge-test-5f2a9c"
     monkeypatch.setenv("LLMTUNE_TEST_JUDGE_KEY", secret)  # a named variable: tracking does not know it
     fake = FakeJudge(key=secret)
-    with serving(fake) as url:
+    with serving_judge(fake) as url:
         summary = qa_run(tmp_path, cache_dir, tiny_model_dir, "trainer.max_epochs=1", f"eval.judge.url={url}",
                          "eval.judge.api_key_env=LLMTUNE_TEST_JUDGE_KEY")
     console = capsys.readouterr().out

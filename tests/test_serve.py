@@ -1,8 +1,6 @@
 """`llmtune serve`: the real server (uvicorn on a loopback port) answering a real HTTP client, on the tiny run."""
 
-import socket
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
@@ -10,8 +8,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
-from conftest import run_llmtune
+from conftest import run_llmtune, serving, wait_until
 
 from llmtune.inference import load_run
 from llmtune.serve import create_app
@@ -30,26 +27,8 @@ def loaded(tiny_run):
 @contextmanager
 def running(app):
     """An httpx client on a uvicorn server for app in a background thread, stopped on leaving."""
-    sock = socket.create_server(("127.0.0.1", 0))  # a free port, held from the start: no race for it
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        wait_until(lambda: server.started or not thread.is_alive())
-        assert server.started, "the server did not start"
-        with httpx.Client(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}", timeout=60) as http:
-            yield http
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
-
-
-def wait_until(condition, seconds: float = 30) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.01)
+    with serving(app) as base_url, httpx.Client(base_url=base_url, timeout=60) as http:
+        yield http
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 FastAPI app in this file, whose faults are scripted per request) and against `llmtune serve` of the tiny run."""
 
 import asyncio
-import socket
 import csv
 import hashlib
 import json
@@ -10,17 +9,16 @@ import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import threading
-import time
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import uvicorn
-from conftest import compose_config
+from conftest import compose_config, serving, wait_until
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
@@ -39,27 +37,10 @@ WORDS = ("harbour lantern meadow copper violet glacier orchard saddle thimble fa
 
 
 @contextmanager
-def serving(app):
-    """app on a uvicorn server in a background thread, on a free loopback port: yields its /v1 base URL."""
-    sock = socket.create_server(("127.0.0.1", 0))  # the port is held from the start: no race for it
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        wait_until(lambda: server.started or not thread.is_alive())
-        assert server.started, "the server did not start"
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
-
-
-def wait_until(condition, seconds: float = 60) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.01)
+def serving_api(app):
+    """app on a loopback port: yields its /v1 base URL."""
+    with serving(app) as base_url:
+        yield f"{base_url}/v1"
 
 
 def judge_score(text: str) -> int:
@@ -161,7 +142,7 @@ def reply(schema: str, prompt: str) -> dict:
 @pytest.fixture
 def teacher():
     teacher = Teacher()
-    with serving(teacher.app) as url:
+    with serving_api(teacher.app) as url:
         teacher.url = url
         yield teacher
         teacher.released.set()
@@ -363,7 +344,7 @@ def test_judge_threshold_filters_and_a_rerun_only_refilters(teacher, docs, tmp_p
 def test_killed_midway_a_rerun_asks_nothing_twice(docs, tmp_path, capsys, cache_dir):
     teacher = Teacher(block_after=3)
     out = tmp_path / "out"
-    with serving(teacher.app) as url:
+    with serving_api(teacher.app) as url:
         teacher.url = url
         command = [sys.executable, "-m", "llmtune", "synth",
                    *qa_args(teacher, docs, out, "min_score=0", "concurrency=2")]
@@ -486,7 +467,7 @@ def test_against_llmtune_serve_of_the_tiny_run(tiny_run, tmp_path, capsys):
         (prompts / name).write_text(json.dumps(content))  # JSON is YAML
     (docs / "policy.txt").write_text("Staff take leave after approval. Profit rose and sales fell in the quarter.")
     loaded = load_run(tiny_run)
-    with serving(create_app(loaded, max_new_tokens=48, max_prompt_tokens=256)) as url:
+    with serving_api(create_app(loaded, max_new_tokens=48, max_prompt_tokens=256)) as url:
         code, stdout, err = synth(capsys, "qa", f"documents={docs}", f"out={out}", f"url={url}", f"prompts={prompts}",
                                   "chunk_size=8", "chunk_overlap=0", "per_chunk=1", "max_tokens=48", "attempts=2",
                                   "concurrency=2", "min_score=1", "timeout_s=60")
