@@ -13,9 +13,15 @@ from llmtune.errors import UserError
 
 GROUPS = {group: sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
           for group in ("model", "method", "dataset")}
+# The datasets `llmtune synth` writes hold no model quirk: crossed with every method on one model, which keeps this
+# file's share of CI's time in check.
+SYNTH_DATASETS = [name for name in GROUPS["dataset"] if name.startswith("synth_")]
+COMBINATIONS = [combination for combination in itertools.product(*GROUPS.values())
+                if combination[2] not in SYNTH_DATASETS]
+COMBINATIONS += [("tiny", method, dataset) for method in GROUPS["method"] for dataset in SYNTH_DATASETS]
 
 
-@pytest.mark.parametrize("model,method,dataset", list(itertools.product(*GROUPS.values())))
+@pytest.mark.parametrize("model,method,dataset", COMBINATIONS)
 def test_every_combination_composes(model, method, dataset, tmp_path):
     overrides = [f"model={model}", f"method={method}", f"dataset={dataset}", "dataset.path=some/file.csv"]
     if dataset == "synth_labels":  # its labels are the ones synth was given: the command line names them
