@@ -75,7 +75,7 @@ def run(cfg: DictConfig) -> float | None:
     calibration = task.fit_calibration(val)
     results = {"val": task.metrics(task.calibrate(val, calibration))} if val else {}
     predictions = {"tuned": task.calibrate(tuned, calibration), "base": base}
-    results.update({name: task.metrics(rows, test=True) for name, rows in predictions.items() if rows is not None})
+    results.update({name: task.test_metrics(rows) for name, rows in predictions.items() if rows is not None})
     if retrieval is not None:
         retrieval.update(task.retrieval_quality(splits["test"]))
     clock.lap("eval_tuned")

@@ -45,9 +45,8 @@ class Task(ABC):
         """How a language model answers rows: {id, text, gold, predicted, ...} per row, in order."""
 
     @abstractmethod
-    def metrics(self, predictions: list[dict], test: bool = False) -> dict:
-        """Every metric of the predictions, with `n`. test: they are the run's final answers to the test split, where
-        costly judgement (an LLM judge) is spent; validation scoring is not."""
+    def metrics(self, predictions: list[dict]) -> dict:
+        """Every metric of the predictions, with `n`."""
 
     @abstractmethod
     def retriever(self, retriever_cfg: DictConfig, train: list[dict], cache_dir: str | Path
@@ -67,6 +66,11 @@ class Task(ABC):
                 row["text"] = text
         if cap is not None:
             self.data_counts["truncated"] = {"max_input_tokens": cap, "side": side, **cut}
+
+    def test_metrics(self, predictions: list[dict]) -> dict:
+        """The metrics of the run's final answers to the test split: metrics(), plus any judgement too costly to
+        spend at every validation (Q&A: the LLM judge)."""
+        return self.metrics(predictions)
 
     def fit_calibration(self, val_predictions: list[dict] | None) -> dict | None:
         """What calibrate() needs, fitted on the validation predictions (for metrics.json); None: nothing to fit."""

@@ -42,7 +42,7 @@ class Classification(Task):
     def lm_predictions(self, model, tokenizer, rows, prompt_format: PromptFormat, eval_cfg: DictConfig, desc: str):
         return classify(model, tokenizer, rows, prompt_format, self.labels, eval_cfg.batch_size, desc)
 
-    def metrics(self, predictions: list[dict], test: bool = False) -> dict:
+    def metrics(self, predictions: list[dict]) -> dict:
         """Accuracy, precision/recall/F1, the confusion matrix, a 95% bootstrap interval for each headline figure, and
         the calibration of the reported confidences (ECE, Brier, reliability bins); `before_scaling` holds the same for
         softmax(logits), the confidences before temperature scaling."""

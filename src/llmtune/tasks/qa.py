@@ -38,11 +38,14 @@ class QuestionAnswering(Task):
     def lm_predictions(self, model, tokenizer, rows, prompt_format: PromptFormat, eval_cfg: DictConfig, desc: str):
         return answer_questions(model, tokenizer, rows, prompt_format, eval_cfg.generation, eval_cfg.batch_size, desc)
 
-    def metrics(self, predictions: list[dict], test: bool = False) -> dict:
-        """BLEU, ROUGE & co.; for the test answers, also the judge's scores (eval.judge), each judged prediction
-        getting its verdict. Validation answers are never judged: they are scored at every validation."""
+    def metrics(self, predictions: list[dict]) -> dict:
+        return qa_metrics(predictions)
+
+    def test_metrics(self, predictions: list[dict]) -> dict:
+        """metrics(), and the judge's scores (eval.judge), each judged prediction getting its verdict. Validation
+        answers are never judged: they are scored at every validation."""
         metrics = qa_metrics(predictions)
-        graded = self.judge.grade(predictions) if self.judge and test else None
+        graded = self.judge.grade(predictions) if self.judge else None
         if graded:
             metrics["intervals"].update(graded.pop("intervals"))
             metrics.update(graded)
