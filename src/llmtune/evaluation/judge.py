@@ -113,9 +113,8 @@ class AnswerJudge:
 
         with closing(endpoint.map(ask, unjudged)) as replies:  # closed at once on failure: nothing more is sent
             for index, reply in progress(replies, len(unjudged), "judging answers", unit="answer"):
-                if endpoint.tally.failed_requests:
-                    raise EndpointFailed(f"endpoint {self.endpoint_settings.url} failed: " + (
-                        reply.error if reply.value is None else "a request failed after the client's retries"))
+                if reply.failed:
+                    raise EndpointFailed(f"endpoint {self.endpoint_settings.url} failed: {reply.error}")
                 verdicts[index] = verdict_of(reply)
         return verdicts
 
