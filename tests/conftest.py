@@ -3,7 +3,6 @@
 import os
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import uvicorn
+from cli_server import run_llmtune_in
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
@@ -65,12 +65,13 @@ def tiny_run(tmp_path_factory, cache_dir) -> Path:
     return run_dir
 
 
-def run_llmtune(args: list[str], cache_dir: Path, stdin: str | None = None) -> subprocess.CompletedProcess:
-    """`python -m llmtune ARGS` as a user runs it (offline, test cache, no HYDRA_FULL_ERROR)."""
+def run_llmtune(args: list[str], cache_dir: Path, stdin: str | None = None,
+                cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`python -m llmtune ARGS` as a user runs it (offline, test cache, no HYDRA_FULL_ERROR), from `cwd` (default: the
+    package's folder), through the test command server (tests/cli_server.py)."""
     env = {**os.environ, "LLMTUNE_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1"}
     env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run([sys.executable, "-m", "llmtune", *args], input=stdin, capture_output=True, text=True,
-                          env=env, cwd=Path(CONFIG_DIR).parent, timeout=600, check=False)
+    return run_llmtune_in(cwd or Path(CONFIG_DIR).parent, args, env, stdin=stdin)
 
 
 @contextmanager

@@ -1,11 +1,10 @@
 """The bad-input catalogue: every bad or hostile input a user can hand any llmtune command, run through the real
-command line as a subprocess, ends the same way: exit code 2, exactly one `llmtune: error: ...` line on stderr naming
+command line (`python -m llmtune`, forked from tests/cli_server.py's process), ends the same way: exit code 2, exactly one `llmtune: error: ...` line on stderr naming
 the problem, no traceback, and no file the user had changed (a run's own folder under outputs/ may appear, nothing
 else).
 
 Each case runs in a folder of its own (its working directory), holding the files it hands the command; the folder is
-snapshot (path, sha256, size, mtime) before and after. The cases run a few at a time in a module fixture: almost all
-of a case's time is Python importing torch and Lightning, which overlaps well.
+snapshot (path, sha256, size, mtime) before and after. The cases run a few at a time in a module fixture.
 """
 
 import hashlib
@@ -16,13 +15,13 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from cli_server import run_llmtune_in
 
 WORKERS = max(3, min(6, os.cpu_count() or 1))  # the subprocesses mostly import; a few at a time overlap well
 OUTPUTS = "outputs/"  # the one place a run (a Hydra job) may write: its own run folder
@@ -314,8 +313,7 @@ def environment(cache_dir: Path, extra: dict) -> dict:
 
 
 def llmtune(args: list[str], folder: Path, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "llmtune", *args], cwd=folder, env=env, capture_output=True,
-                          text=True, timeout=600, check=False)
+    return run_llmtune_in(folder, args, env)
 
 
 def train_finished_run(folder: Path, cache_dir: Path) -> Path:

@@ -3,10 +3,10 @@
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_server import run_llmtune_in
 from peft import PeftModel
 
 REPO = Path(__file__).resolve().parents[1]
@@ -17,8 +17,7 @@ def llmtune(args: list[str], run_dir: Path, cache_dir: Path) -> subprocess.Compl
     env = {**os.environ, "LLMTUNE_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1",
            "HF_HUB_CACHE": str(cache_dir / "empty-hf-cache")}
     env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run([sys.executable, "-m", "llmtune", *args, f"hydra.run.dir={run_dir}"],
-                          check=False, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    return run_llmtune_in(REPO, [*args, f"hydra.run.dir={run_dir}"], env)
 
 
 def test_tiny_job_end_to_end(tmp_path, cache_dir):

@@ -51,10 +51,10 @@ def test_export_never_replaces_a_folder_it_did_not_write(tiny_run, cache_dir, tm
     before = tree(tmp_path)
 
     for folder, out in [(tmp_path, "mine"), (nested, ".."), (nested, "."), (tmp_path, "mine/notes.txt")]:
-        code, _, err = finished(llmtune_in(folder, ["export", str(tiny_run), "format=merged", f"out={out}",
-                                                    "overwrite=true"], cache_dir))
-        assert code == 2, err[-2000:]
-        one_error_line(err)
+        result = run_llmtune(["export", str(tiny_run), "format=merged", f"out={out}", "overwrite=true"], cache_dir,
+                             cwd=folder)
+        assert result.returncode == 2, result.stderr[-2000:]
+        one_error_line(result.stderr)
     assert tree(tmp_path) == before
 
     # A new folder is written whole, marked as llmtune's; a second export there needs overwrite=true.
