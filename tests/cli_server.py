@@ -111,6 +111,7 @@ def run_command(request: dict) -> None:
 
 class Server:
     def __init__(self, env: dict, log: Path):
+        self.log = log  # the server's own stderr (its imports' warnings); kept only if it fails
         with open(log, "ab") as stderr:
             self.process = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                             stderr=stderr, env=env, cwd=tempfile.gettempdir())
@@ -156,7 +157,8 @@ class Server:
 
     def close(self) -> None:
         self.process.stdin.close()
-        self.process.wait(timeout=600)
+        if self.process.wait(timeout=600) == 0:
+            self.log.unlink(missing_ok=True)
 
 
 _servers: dict[frozenset, Server] = {}
@@ -170,7 +172,8 @@ def run_llmtune_in(cwd: Path, args: list[str], env: dict, stdin: str | None = No
     with _servers_lock:
         server = _servers.get(key)
         if server is None and len(_servers) < MAX_SERVERS:
-            server = _servers[key] = Server(env, Path(tempfile.gettempdir()) / f"llmtune-cli-server-{os.getpid()}.log")
+            log = Path(tempfile.gettempdir()) / f"llmtune-cli-server-{os.getpid()}-{len(_servers)}.log"
+            server = _servers[key] = Server(env, log)
     if server is None:
         return subprocess.run([sys.executable, "-m", "llmtune", *args], input=stdin, capture_output=True, text=True,
                               env=env, cwd=cwd, timeout=timeout, check=False)
