@@ -61,12 +61,21 @@ class Tally:
             for name, count in counts.items():
                 setattr(self, name, getattr(self, name) + count)
 
-    def summary(self, settings: EndpointSettings) -> dict:
-        cost = (self.prompt_tokens * settings.usd_per_million_input_tokens
-                + self.completion_tokens * settings.usd_per_million_output_tokens) / 1e6
-        return {"requests": self.requests, "failed_requests": self.failed_requests,
-                "invalid_replies": self.invalid_replies, "prompt_tokens": self.prompt_tokens,
-                "completion_tokens": self.completion_tokens, "cost_usd": round(cost, 6)}
+    def counts(self) -> dict[str, int]:
+        with self.lock:
+            return {name: getattr(self, name) for name in COUNTED}
+
+    def summary(self, settings: EndpointSettings, since: dict[str, int] | None = None) -> dict:
+        """The counts and their cost; since: counts() taken earlier, to tally only what was asked after it."""
+        counts = self.counts()
+        if since is not None:
+            counts = {name: count - since[name] for name, count in counts.items()}
+        cost = (counts["prompt_tokens"] * settings.usd_per_million_input_tokens
+                + counts["completion_tokens"] * settings.usd_per_million_output_tokens) / 1e6
+        return {**counts, "cost_usd": round(cost, 6)}
+
+
+COUNTED = ("requests", "failed_requests", "invalid_replies", "prompt_tokens", "completion_tokens")
 
 
 class Reply(NamedTuple):

@@ -19,7 +19,7 @@ from contextlib import closing, contextmanager
 from dataclasses import fields
 
 from llmtune.console import progress
-from llmtune.endpoint import Endpoint, EndpointSettings, Reply, Tally, one_line
+from llmtune.endpoint import Endpoint, EndpointSettings, Reply, one_line
 from llmtune.errors import UserError
 from llmtune.evaluation.intervals import bootstrap_intervals, mean_statistics
 
@@ -71,7 +71,7 @@ class AnswerJudge:
         try:
             with quieted(CHATTY_LOGGERS):
                 endpoint = self._checked_endpoint()
-                endpoint.tally = Tally()  # this model's requests alone
+                before = endpoint.tally.counts()  # the endpoint is shared by the models judged: count this one's
                 verdicts = self._verdicts(endpoint, judged)
         except (UserError, EndpointFailed) as error:
             return self._give_up(str(error))
@@ -81,7 +81,7 @@ class AnswerJudge:
             prediction["judge"] = verdict
         metrics = verdict_metrics(verdicts)
         metrics["judge"].update(model=endpoint.model, prompt_version=self.prompt["version"],
-                                endpoint=endpoint.tally.summary(self.endpoint_settings))
+                                endpoint=endpoint.tally.summary(self.endpoint_settings, since=before))
         return metrics
 
     def _give_up(self, why: str) -> None:
