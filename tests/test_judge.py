@@ -47,6 +47,7 @@ class FakeJudge:
 
     def __init__(self, key: str | None = None):
         self.key, self.requests, self.disrupted = key, [], Counter()  # answer -> times disrupted
+        self.temperatures = {}  # answer -> the temperature of each chat request about it
         fields = {name: f"(?P<{name}>.*)" for name in ("question", "reference", "answer")}
         parts = re.split(r"\{(question|reference|answer)\}", PROMPT["user"])
         self.pattern = re.compile("".join(fields[p] if i % 2 else re.escape(p) for i, p in enumerate(parts)), re.S)
@@ -69,6 +70,7 @@ class FakeJudge:
         body = await request.json()
         asked = self.pattern.fullmatch(body["messages"][-1]["content"])
         question, reference, answer = asked["question"], asked["reference"], asked["answer"]
+        self.temperatures.setdefault(answer, []).append(body["temperature"])
         if "SLOWLY" in answer and not self.disrupted[answer]:  # longer than the client waits: it retries
             self.disrupted[answer] += 1
             await asyncio.sleep(SLOW_S)
@@ -163,6 +165,8 @@ def test_judge_scores_means_distributions_and_rouge_disagreement_over_http():
                                                   "prompt_tokens": 80, "completion_tokens": 24, "cost_usd": 0.0}
     assert base_metrics["judge"]["endpoint"]["requests"] == 6
     assert fake.disrupted == {ROWS[4][2]: 1, ROWS[5][2]: 1} and fake.chats() == 8 + 2 + 6
+    # Greedy first; a greedy judge would repeat an invalid reply, so the attempts after it sample (retry_temperature).
+    assert fake.temperatures[ROWS[2][2]] == [0.0, 0.7, 0.7] and fake.temperatures[ROWS[0][2]] == [0.0]
 
     # Base vs tuned on the same question: rows 1, 2, 4, 5, 6 have two verdicts; rows 4 and 6 are judge ties. Row 2:
     # the judge prefers the tuned answer (5 > 4), ROUGE-L the base one (the reference's words in order).

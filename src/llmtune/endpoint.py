@@ -4,9 +4,9 @@ Q&A judge metric (eval.judge).
 
 Built on the `openai` package, which retries connection errors, timeouts, 408, 409, 429 and 5xx replies with
 exponential backoff and honours Retry-After. Replies are asked for in a JSON schema (`response_format`) and checked on
-receipt; one that does not parse or match is asked again up to `attempts` times, then counted as invalid. At most
-`concurrency` requests are in flight. The API key is read from the environment only (the variable `api_key_env`
-names) and never written anywhere: provenance files record the variable's name.
+receipt; one that does not parse or match is asked again (sampled at `retry_temperature` or hotter) up to `attempts`
+times, then counted as invalid. At most `concurrency` requests are in flight. The API key is read from the environment
+only (the variable `api_key_env` names) and never written anywhere: provenance files record the variable's name.
 """
 
 import json
@@ -37,6 +37,9 @@ class EndpointSettings:
     max_retries: int = 4  # retries of a failed request (connection, timeout, 429, 5xx), with exponential backoff
     attempts: int = 3  # requests per item until a reply matches the schema
     temperature: float = 0.7
+    # Attempts after an invalid reply sample at least this hot: at temperature 0 a greedy server (llama.cpp, vLLM,
+    # llmtune serve) repeats the same invalid reply, so asking again the same way is a wasted request.
+    retry_temperature: float = 0.7
     max_tokens: int = 512
     usd_per_million_input_tokens: float = 0.0  # for the cost tally; 0: not priced (a local server)
     usd_per_million_output_tokens: float = 0.0
@@ -126,10 +129,12 @@ class Endpoint:
         import openai
 
         error = None
-        for _ in range(self.settings.attempts):
+        for attempt in range(self.settings.attempts):
+            temperature = self.settings.temperature if attempt == 0 else max(self.settings.temperature,
+                                                                             self.settings.retry_temperature)
             try:
                 response = self.client.chat.completions.create(
-                    model=self.model, messages=messages, temperature=self.settings.temperature,
+                    model=self.model, messages=messages, temperature=temperature,
                     max_tokens=self.settings.max_tokens,
                     response_format={"type": "json_schema",
                                      "json_schema": {"name": schema_name, "schema": schema, "strict": True}})

@@ -102,6 +102,7 @@ class JudgeSettings(_Section):
     attempts: int = Field(ge=1, le=10)
     max_rows: int | None = Field(ge=1)
     temperature: float = Field(ge=0, le=2)
+    retry_temperature: float = Field(default=0.7, ge=0, le=2)  # runs saved before it existed have none
     max_tokens: int = Field(ge=16)
     usd_per_million_input_tokens: float = Field(ge=0)
     usd_per_million_output_tokens: float = Field(ge=0)
