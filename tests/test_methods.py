@@ -239,3 +239,37 @@ def test_gradient_checkpointing_trains_every_row_with_its_instruction(tiny_model
         losses[checkpointing] = float(next_token_loss(method.model, batch))
     assert "prefix_ids" in batches[False] and "prefix_ids" not in batches[True]
     assert losses[True] == pytest.approx(losses[False], abs=1e-5)
+
+
+def test_neftune_noise_is_added_while_training_only_and_removed_after(tiny_model_dir):
+    from llmtune.methods.base import noisy_embeddings
+
+    cfg = compose_config(["model=tiny"])
+    _, base = load_base_model(str(tiny_model_dir), cfg.model, None)
+    model = add_lora(base, cfg.model, cfg.method)
+    embeddings, ids = model.get_input_embeddings(), torch.tensor([[3, 7, 11, 5]])
+    clean = embeddings(ids).detach()
+    with noisy_embeddings(model, 5.0):
+        model.train()
+        noisy = embeddings(ids).detach()
+        model.eval()
+        assert torch.equal(embeddings(ids), clean)  # validation inside fit sees clean embeddings
+    assert not torch.equal(noisy, clean)
+    # NEFTune's scale: uniform in +-alpha / sqrt(tokens x width)
+    assert (noisy - clean).abs().max() <= 5.0 / (ids.shape[1] * clean.shape[-1]) ** 0.5 + 1e-6
+    model.train()
+    assert torch.equal(embeddings(ids), clean) and not embeddings._forward_hooks  # the hook is gone
+
+
+def test_label_smoothing_and_neftune_train_another_adapter_from_the_same_seed(tiny_model_dir, tmp_path, cache_dir):
+    from safetensors.torch import load_file
+
+    plain_cfg, plain, _ = run_job(["method.optimizer.lr=1e-2"], tiny_model_dir, tmp_path / "plain", cache_dir)
+    cfg, summary, predictions = run_job(["method.optimizer.lr=1e-2", "method.label_smoothing=0.1",
+                                         "method.neftune_noise_alpha=5"], tiny_model_dir, tmp_path / "reg", cache_dir)
+    assert summary["train"]["steps"] == plain["train"]["steps"] > 0 and len(predictions) == plain["run"]["n_test"]
+    assert cfg.method.label_smoothing == 0.1 and plain_cfg.method.neftune_noise_alpha == 0.0
+    plain_weights = load_file(tmp_path / "plain" / "adapter" / "adapter_model.safetensors")
+    weights = load_file(tmp_path / "reg" / "adapter" / "adapter_model.safetensors")
+    assert weights.keys() == plain_weights.keys()
+    assert any(not torch.allclose(weights[k], plain_weights[k]) for k in weights)  # same seed, other training

@@ -155,10 +155,11 @@ def test_shared_prefix_gives_the_same_loss_and_gradients(tiny_model_dir, method)
         torch.testing.assert_close(shared_grads[name], grad, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("method", ["instruct", "causal"])
-def test_chunked_cross_entropy_gives_the_plain_loss_and_gradients(tiny_model_dir, method, monkeypatch):
+@pytest.mark.parametrize("method,smoothing", [("instruct", 0.0), ("causal", 0.0), ("instruct", 0.1), ("causal", 0.3)])
+def test_chunked_cross_entropy_gives_the_plain_loss_and_gradients(tiny_model_dir, method, smoothing, monkeypatch):
     """next_token_loss applies the frozen LM head a few positions at a time (ChunkedCrossEntropy); it must equal
-    the full logits + F.cross_entropy, in value and in every LoRA gradient, with and without autograd."""
+    the full logits + F.cross_entropy (with its label_smoothing), in value and in every LoRA gradient, with and
+    without autograd."""
     cfg, tokenizer, model = tiny_peft(tiny_model_dir, method)
     model.train()
     examples = [encode_example(tokenizer, FORMAT.prompt(r["text"]), FORMAT.answer(r["label"]), cfg.method.loss_on)
@@ -172,7 +173,10 @@ def test_chunked_cross_entropy_gives_the_plain_loss_and_gradients(tiny_model_dir
 
     def plain_loss(model, batch):
         logits, targets, _ = labelled_logits(model, batch)
-        return torch.nn.functional.cross_entropy(logits, targets)
+        return torch.nn.functional.cross_entropy(logits, targets, label_smoothing=smoothing)
+
+    def chunked_loss(model, batch):
+        return next_token_loss(model, batch, label_smoothing=smoothing)
 
     def loss_and_grads(loss_fn):
         model.zero_grad()
@@ -181,12 +185,14 @@ def test_chunked_cross_entropy_gives_the_plain_loss_and_gradients(tiny_model_dir
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     plain, plain_grads = loss_and_grads(plain_loss)
-    chunked, chunked_grads = loss_and_grads(next_token_loss)
+    chunked, chunked_grads = loss_and_grads(chunked_loss)
     assert chunked_calls, "the chunked path was not taken"
     torch.testing.assert_close(chunked, plain, atol=1e-5, rtol=1e-5)
     assert any(g.abs().sum() > 0 for g in plain_grads.values())
     for name, grad in plain_grads.items():
         torch.testing.assert_close(chunked_grads[name], grad, atol=1e-5, rtol=1e-4)
     with torch.no_grad():  # validation: no gradient work, the same loss
-        torch.testing.assert_close(next_token_loss(model, batch), plain, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(chunked_loss(model, batch), plain, atol=1e-5, rtol=1e-5)
+        if smoothing:  # the smoothing is applied: the unsmoothed loss is another number
+            assert abs(float(next_token_loss(model, batch)) - float(plain)) > 1e-5
     assert model.get_output_embeddings().weight.shape[0] == vocabulary  # the LM head is back

@@ -41,6 +41,8 @@ class SchedulerSettings(_Section):
 class MethodSettings(_Section):
     name: str
     full_finetune: bool = False
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    neftune_noise_alpha: float = Field(default=0.0, ge=0)
     gradient_checkpointing: bool = False
     max_length: int = Field(default=512, ge=1)
     lora: LoraSettings | None = None

@@ -4,7 +4,8 @@ and loss, and what is saved. The Task (llmtune.tasks) says what the rows are and
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -99,10 +100,12 @@ class TrainedMethod(Method):
     trains = True
 
     def __init__(self, name: str, lora: DictConfig, optimizer: DictConfig, scheduler: DictConfig,
-                 full_finetune: bool = False, **settings):
+                 full_finetune: bool = False, label_smoothing: float = 0.0, neftune_noise_alpha: float = 0.0,
+                 **settings):
         super().__init__(name, lora=lora, optimizer=optimizer, scheduler=scheduler, full_finetune=full_finetune,
-                         **settings)
+                         label_smoothing=label_smoothing, neftune_noise_alpha=neftune_noise_alpha, **settings)
         self.full_finetune = full_finetune
+        self.label_smoothing, self.neftune_noise_alpha = label_smoothing, neftune_noise_alpha
 
     @abstractmethod
     def loaders(self, task: Task, splits: dict, prompt_format: PromptFormat, trainer_cfg: DictConfig, seed: int):
@@ -117,11 +120,13 @@ class TrainedMethod(Method):
             selection=None) -> dict:
         train_loader, val_loader = self.loaders(task, splits, prompt_format, trainer_cfg, seed)
         module = FineTuner(self.model, optimizer=instantiate(self.settings.optimizer),
-                           scheduler=instantiate(self.settings.scheduler), loss=self.loss)
+                           scheduler=instantiate(self.settings.scheduler),
+                           loss=partial(self.loss, label_smoothing=self.label_smoothing))
         trainer, started, threads = new_trainer(), time.perf_counter(), torch.get_num_threads()
         # Lightning restores the adapter, optimizer, scheduler, epoch and step; the samplers draw each epoch's order
         # from (seed, epoch), so the continued run sees the batches the uninterrupted one would have.
-        trainer.fit(module, train_loader, val_loader, ckpt_path=resume_from)
+        with noisy_embeddings(self.model, self.neftune_noise_alpha):
+            trainer.fit(module, train_loader, val_loader, ckpt_path=resume_from)
         # Under trainer=ddp on a CPU Lightning gave each rank its share of the cores; the scoring after training is
         # rank 0's alone, on all of them.
         torch.set_num_threads(threads)
@@ -145,6 +150,23 @@ class TrainedMethod(Method):
         from llmtune.models.lora import lora_settings
 
         return {"trained": True, "lora": None if self.full_finetune else lora_settings(model_cfg, self.settings)}
+
+
+@contextmanager
+def noisy_embeddings(model, alpha: float):
+    """NEFTune while training: transformers' hook adds uniform noise of scale alpha / sqrt(tokens x width) to the
+    input embeddings of a module in training mode (validation passes are left clean); removed afterwards, so the
+    scoring, and what is saved, never see it. alpha 0: nothing."""
+    if not alpha:
+        yield
+        return
+    from transformers.integrations.neftune import activate_neftune, deactivate_neftune
+
+    hook = activate_neftune(model, alpha)
+    try:
+        yield
+    finally:
+        deactivate_neftune(model, hook)
 
 
 def _stop_reason(trainer: L.Trainer) -> str:

@@ -102,10 +102,10 @@ def classifier_loaders(train: list[dict], val: list[dict], trainer_cfg: DictConf
             DataLoader(val, batch_size=trainer_cfg.batch_size, collate_fn=collate) if val else None)
 
 
-def head_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def head_loss(model, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0) -> torch.Tensor:
     """Cross-entropy of the head's logits against the label indices, in fp32 whatever the model's dtype."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return F.cross_entropy(logits.float(), batch["labels"])
+    return F.cross_entropy(logits.float(), batch["labels"], label_smoothing=label_smoothing)
 
 
 def classify_with_head(model, tokenizer, rows: list[dict], labels: list[str], batch_size: int, max_length: int,
@@ -136,8 +136,9 @@ class ClassificationHead(TrainedMethod):
     export_formats = ("merged",)  # GGUF and Ollama carry language models
 
     def __init__(self, name: str, max_length: int, lora: DictConfig, optimizer: DictConfig, scheduler: DictConfig,
-                 full_finetune: bool = False):
-        super().__init__(name, lora, optimizer, scheduler, full_finetune, max_length=max_length)
+                 full_finetune: bool = False, label_smoothing: float = 0.0, neftune_noise_alpha: float = 0.0):
+        super().__init__(name, lora, optimizer, scheduler, full_finetune, label_smoothing, neftune_noise_alpha,
+                         max_length=max_length)
         self.max_length = max_length
 
     def build(self, model_cfg, task, model_dir) -> None:

@@ -20,9 +20,9 @@ class LanguageModelTuning(TrainedMethod):
 
     def __init__(self, name: str, loss_on: str, lora: DictConfig, optimizer: DictConfig, scheduler: DictConfig,
                  quantization: DictConfig | None = None, gradient_checkpointing: bool = False,
-                 full_finetune: bool = False):
-        super().__init__(name, lora, optimizer, scheduler, full_finetune, loss_on=loss_on, quantization=quantization,
-                         gradient_checkpointing=gradient_checkpointing)
+                 full_finetune: bool = False, label_smoothing: float = 0.0, neftune_noise_alpha: float = 0.0):
+        super().__init__(name, lora, optimizer, scheduler, full_finetune, label_smoothing, neftune_noise_alpha,
+                         loss_on=loss_on, quantization=quantization, gradient_checkpointing=gradient_checkpointing)
         if loss_on not in ("answer", "all"):
             raise UserError(f"method.loss_on={loss_on!r} must be 'answer' (the answer's tokens) or 'all' (every token)")
         self.loss_on = loss_on

@@ -95,7 +95,7 @@ def token_log_probs(model, hidden: torch.Tensor, token_ids: torch.Tensor) -> tor
     return out
 
 
-def labelled_loss(model, batch: dict[str, torch.Tensor], cache=None) -> torch.Tensor:
+def labelled_loss(model, batch: dict[str, torch.Tensor], cache=None, label_smoothing: float = 0.0) -> torch.Tensor:
     """Mean next-token cross-entropy over the labelled positions: labelled_logits + F.cross_entropy, the same value
     and gradients, without ever holding the [positions, vocabulary] logits.
 
@@ -105,31 +105,36 @@ def labelled_loss(model, batch: dict[str, torch.Tensor], cache=None) -> torch.Te
     returns the labelled positions' hidden states, and ChunkedCrossEntropy applies the frozen head to them 64 (for
     Gemma's vocabulary) at a time. A head that trains, carries a bias, or whose logits the model reshapes after the head
     (final_logit_softcapping: Gemma 2) takes the plain path.
+
+    label_smoothing (F.cross_entropy's): the target puts that mass evenly over the vocabulary, the rest on the label.
     """
     head = model.get_output_embeddings()
     plain = (head.weight.requires_grad or getattr(head, "bias", None) is not None
              or getattr(model.config, "final_logit_softcapping", None))
     if plain:
         logits, targets, _ = labelled_logits(model, batch, cache)
-        return F.cross_entropy(logits, targets)
+        return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
     with output_head(model, torch.nn.Identity()):
         hidden, targets, _ = labelled_logits(model, batch, cache)        # [N, hidden size]
-    return ChunkedCrossEntropy.apply(hidden.to(head.weight.dtype), head.weight, targets)
+    return ChunkedCrossEntropy.apply(hidden.to(head.weight.dtype), head.weight, targets, label_smoothing)
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
-    """mean(cross_entropy(hidden @ weight.T, targets)) for a frozen weight, a chunk of positions at a time.
+    """mean(cross_entropy(hidden @ weight.T, targets, label_smoothing)) for a frozen weight, a chunk of positions
+    at a time.
 
     The gradient with respect to hidden is computed in the forward pass, chunk by chunk, while each chunk's logits
-    are at hand: d loss / d logits = (softmax - one_hot) / N, and d loss / d hidden = that @ weight. So nothing of
-    size [N, vocabulary] is kept for the backward pass, and two chunk-sized buffers serve every chunk. Precision
-    follows the plain path: logits come out of the matmul in the weight's dtype and the softmax runs in fp32.
+    are at hand: d loss / d logits = (softmax - target) / N, and d loss / d hidden = that @ weight. The target is
+    one_hot, or with smoothing s: (1 - s) one_hot + s / V, whose loss is log_norm - (1 - s) logit[label] - s
+    mean(logits). So nothing of size [N, vocabulary] is kept for the backward pass, and two chunk-sized buffers serve
+    every chunk. Precision follows the plain path: logits come out of the matmul in the weight's dtype and the softmax
+    runs in fp32.
     """
 
     CHUNK_BYTES = 64 << 20  # fp32 logits per chunk: 64 rows of Gemma's 262,144-token vocabulary
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets):
+    def forward(ctx, hidden, weight, targets, smoothing=0.0):
         count, vocabulary = len(targets), weight.shape[0]
         rows = max(1, ChunkedCrossEntropy.CHUNK_BYTES // (4 * vocabulary))
         logits = torch.empty((min(rows, count), vocabulary), dtype=weight.dtype, device=weight.device)
@@ -143,11 +148,15 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             chunk_probs.copy_(chunk_logits)
             log_norm = torch.logsumexp(chunk_probs, dim=1)
             picked = chunk_probs.gather(1, chunk_targets[:, None])[:, 0]
+            if smoothing:
+                picked = (1 - smoothing) * picked + smoothing * chunk_probs.mean(dim=1)
             total += (log_norm - picked).sum()
             if grad_hidden is None:
                 continue
             chunk_probs.sub_(log_norm[:, None]).exp_()                    # softmax, in place
-            chunk_probs[torch.arange(n, device=weight.device), chunk_targets] -= 1
+            if smoothing:
+                chunk_probs.sub_(smoothing / vocabulary)
+            chunk_probs[torch.arange(n, device=weight.device), chunk_targets] -= 1 - smoothing
             chunk_logits.copy_(chunk_probs.div_(count))                   # d loss / d logits, in the matmul dtype
             torch.mm(chunk_logits, weight, out=grad_hidden[start:start + n])
         ctx.save_for_backward(grad_hidden)
@@ -156,4 +165,4 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         (grad_hidden,) = ctx.saved_tensors
-        return grad_hidden * grad_loss.to(grad_hidden.dtype), None, None
+        return grad_hidden * grad_loss.to(grad_hidden.dtype), None, None, None

@@ -14,10 +14,10 @@ from llmtune.models.logits import labelled_loss, prefix_cache
 log = logging.getLogger(__name__)
 
 
-def next_token_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def next_token_loss(model, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0) -> torch.Tensor:
     """Mean cross-entropy over the labelled tokens (answer tokens for instruct, every token for causal)."""
     cache = prefix_cache(model, batch["prefix_ids"]) if "prefix_ids" in batch else None
-    return labelled_loss(model, batch, cache)
+    return labelled_loss(model, batch, cache, label_smoothing)
 
 
 def paged_adamw(parameters, lr: float, weight_decay: float = 0.0, bits: int = 8) -> torch.optim.Optimizer:
