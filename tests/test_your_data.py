@@ -130,6 +130,22 @@ def test_proportional_budgets_follow_the_class_balance():
     assert counts["split_mode"] == "drawn in proportion"
 
 
+def test_a_validation_split_short_of_its_budget_is_warned_about(caplog):
+    """A pool is drawn for test, then train; validation gets what is left, and selection on a few rows is noise."""
+    from llmtune.data.splits import make_splits
+
+    rows = [{"id": f"q{i}", "text": f"question {i}", "answer": f"answer {i}"} for i in range(50)]
+    split = compose_config(["dataset=hr_demo", "dataset.split.test_rows=10", "dataset.split.train_rows=35",
+                            "dataset.split.val_rows=20"]).dataset.split
+    splits = make_splits(rows, split, 0, None, "answer", True, {})
+    assert [len(splits[p]) for p in ("test", "train", "val")] == [10, 35, 5]
+    assert "validation got 5 of its 20 rows" in caplog.text and "lower dataset.split.train_rows" in caplog.text
+    caplog.clear()
+    split.train_rows = 20
+    assert len(make_splits(rows, split, 0, None, "answer", True, {})["val"]) == 20
+    assert "validation got" not in caplog.text
+
+
 def test_label_codes_are_scored_as_words_and_a_template_joins_columns(tmp_path):
     path = write_rows(tmp_path / "news.jsonl", [
         {"title": f"Title {i}", "body": f"body text {i}" if i % 5 else None, "label": i % 2} for i in range(40)])

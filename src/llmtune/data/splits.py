@@ -87,6 +87,11 @@ def _from_pool(rows: list[dict], split_cfg: DictConfig, seed: int, labels: list[
     # Validation is what is left, up to its budget (none when it has none).
     splits = {name: _take(pools, split_cfg, name, rng, exact=name != "val", none_means_all=name != "val")
               for name in ("test", "train", "val")}
+    wanted = _budget(split_cfg, "val", labels)
+    if wanted and len(splits["val"]) < wanted:
+        log.warning("validation got %d of its %d rows (the pool is drawn for test, then train, then what is left for "
+                    "validation), so the epoch trainer.select=best picks is noisier: lower dataset.split.train_rows "
+                    "(or train_per_class) to leave more", len(splits["val"]), wanted)
     if labels is not None:  # interleave the classes; the test order must not depend on the other budgets
         rng.shuffle(splits["train"])
         rng.shuffle(splits["val"])
@@ -176,6 +181,17 @@ def _take(pools: dict, split_cfg: DictConfig, part: str, rng: random.Random, exa
                             f"{each}; lower dataset.split.*_per_class or use a larger file")
         sizes = {label: min(each, len(pool)) for label, pool in pools.items()}
     return [row for label, size in sizes.items() for row in _pop(pools, label, size)]
+
+
+def _budget(split_cfg: DictConfig, part: str, labels: list[str] | None) -> int | None:
+    """The rows split.<part>_rows (or, with labels, <part>_per_class) asks for; None: no budget."""
+    total = split_cfg.get(f"{part}_rows")
+    if total is None:  # Q&A configs before 0.2 named it split.<part>
+        total = split_cfg.get(part)
+    each = split_cfg.get(f"{part}_per_class")
+    if total is None and each is not None and labels:
+        total = each * len(labels)
+    return total
 
 
 def _pop(pools: dict, label, size: int) -> list[dict]:
