@@ -159,9 +159,7 @@ def _take(pools: dict, split_cfg: DictConfig, part: str, rng: random.Random, exa
     """Remove and return one part's rows from the pools: split.<part>_rows in proportion to the classes, else
     split.<part>_per_class from each class, else (both null) every row left, or none where not none_means_all.
     exact: a budget larger than the pool is an error; otherwise it is a cap (a given split may be smaller)."""
-    total = split_cfg.get(f"{part}_rows")
-    if total is None:  # Q&A configs before 0.2 named it split.<part>
-        total = split_cfg.get(part)
+    total = _rows_setting(split_cfg, part)
     each = split_cfg.get(f"{part}_per_class") if per_class else None
     if total is None and each is None:
         if not none_means_all:
@@ -183,11 +181,15 @@ def _take(pools: dict, split_cfg: DictConfig, part: str, rng: random.Random, exa
     return [row for label, size in sizes.items() for row in _pop(pools, label, size)]
 
 
+def _rows_setting(split_cfg: DictConfig, part: str) -> int | None:
+    """split.<part>_rows; Q&A configs before 0.2 named it split.<part>."""
+    total = split_cfg.get(f"{part}_rows")
+    return split_cfg.get(part) if total is None else total
+
+
 def _budget(split_cfg: DictConfig, part: str, labels: list[str] | None) -> int | None:
     """The rows split.<part>_rows (or, with labels, <part>_per_class) asks for; None: no budget."""
-    total = split_cfg.get(f"{part}_rows")
-    if total is None:  # Q&A configs before 0.2 named it split.<part>
-        total = split_cfg.get(part)
+    total = _rows_setting(split_cfg, part)
     each = split_cfg.get(f"{part}_per_class")
     if total is None and each is not None and labels:
         total = each * len(labels)

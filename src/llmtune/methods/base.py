@@ -105,7 +105,6 @@ class TrainedMethod(Method):
         super().__init__(name, lora=lora, optimizer=optimizer, scheduler=scheduler, full_finetune=full_finetune,
                          label_smoothing=label_smoothing, neftune_noise_alpha=neftune_noise_alpha, **settings)
         self.full_finetune = full_finetune
-        self.label_smoothing, self.neftune_noise_alpha = label_smoothing, neftune_noise_alpha
 
     @abstractmethod
     def loaders(self, task: Task, splits: dict, prompt_format: PromptFormat, trainer_cfg: DictConfig, seed: int):
@@ -121,11 +120,11 @@ class TrainedMethod(Method):
         train_loader, val_loader = self.loaders(task, splits, prompt_format, trainer_cfg, seed)
         module = FineTuner(self.model, optimizer=instantiate(self.settings.optimizer),
                            scheduler=instantiate(self.settings.scheduler),
-                           loss=partial(self.loss, label_smoothing=self.label_smoothing))
+                           loss=partial(self.loss, label_smoothing=self.settings.label_smoothing))
         trainer, started, threads = new_trainer(), time.perf_counter(), torch.get_num_threads()
         # Lightning restores the adapter, optimizer, scheduler, epoch and step; the samplers draw each epoch's order
         # from (seed, epoch), so the continued run sees the batches the uninterrupted one would have.
-        with noisy_embeddings(self.model, self.neftune_noise_alpha):
+        with noisy_embeddings(self.model, self.settings.neftune_noise_alpha):
             trainer.fit(module, train_loader, val_loader, ckpt_path=resume_from)
         # Under trainer=ddp on a CPU Lightning gave each rank its share of the cores; the scoring after training is
         # rank 0's alone, on all of them.
