@@ -100,3 +100,29 @@ def test_a_run_folder_moved_elsewhere_still_resumes_but_not_with_other_settings(
     check_same_run(moved, config(str(moved)))
     with pytest.raises(UserError, match=r"holds a run with other settings \(seed: 1 -> 2\)"):
         check_same_run(moved, config(str(moved), seed=2))
+
+
+def test_a_run_started_by_another_llmtune_version_resumes_with_its_settings_at_their_defaults(tmp_path, caplog):
+    """An upgrade adds settings (at defaults that keep the old behaviour) or drops some: the run folder an older
+    version left still resumes, with a warning naming them. A setting the command line names still binds."""
+    import pytest
+    import yaml
+
+    from llmtune.errors import UserError
+    from llmtune.run_state import check_same_run
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"a checkpoint")
+    older = {"seed": 1, "method": {"lr": 2e-4, "retired_option": True}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(older))
+    upgraded = {"seed": 1, "method": {"lr": 2e-4, "label_smoothing": 0.0}}
+    with caplog.at_level("WARNING"):
+        check_same_run(tmp_path, upgraded, ["seed=1"])
+    assert "another llmtune version" in caplog.text
+    assert "lacked at their defaults (method.label_smoothing)" in caplog.text
+    assert "no longer has (method.retired_option)" in caplog.text
+    with pytest.raises(UserError, match=r"other settings \(method.label_smoothing: None -> 0.1\)"):
+        check_same_run(tmp_path, {**upgraded, "method": {"lr": 2e-4, "label_smoothing": 0.1}},
+                       ["method.label_smoothing=0.1"])
+    with pytest.raises(UserError, match=r"other settings \(method.lr: 0.0002 -> 0.001\)"):
+        check_same_run(tmp_path, {**upgraded, "method": {"lr": 1e-3, "label_smoothing": 0.0}}, ["method.lr=1e-3"])

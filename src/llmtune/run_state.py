@@ -3,6 +3,7 @@ the same folder continues from, and results kept so a resumed run does not redo 
 
 import errno
 import json
+import logging
 import os
 import socket
 from collections.abc import Callable
@@ -13,6 +14,8 @@ import yaml
 
 from llmtune.errors import UserError
 from llmtune.files import write_atomic
+
+log = logging.getLogger(__name__)
 
 # Settings a resumed run may change: how long it trains. Anything else would mix two runs in one folder.
 RESUMABLE_CHANGES = ("trainer.max_epochs", "trainer.max_steps", "trainer.max_time")
@@ -62,11 +65,12 @@ def last_checkpoint(run_dir: Path) -> Path | None:
     return steps[-1] if steps else None
 
 
-def check_same_run(run_dir: Path, config: dict) -> None:
+def check_same_run(run_dir: Path, config: dict, given: list[str] = ()) -> None:
     """A folder with an earlier attempt is continued only by the same run (its config.yaml, but for RESUMABLE_CHANGES);
     anything else would write two runs' outputs and checkpoints into one folder. An earlier attempt that left no work
     behind (refused before it trained or scored: a missing file, a value Lightning refuses) binds nothing, so the
-    corrected command can run in the same folder."""
+    corrected command can run in the same folder. Settings one side lacks come from another llmtune version (a run
+    started before an upgrade): they do not bind, unless the command line (given: its overrides) names them."""
     path = run_dir / "config.yaml"
     if not path.is_file() or not left_work(run_dir):
         return
@@ -76,13 +80,21 @@ def check_same_run(run_dir: Path, config: dict) -> None:
     if isinstance(moved_from, str) and isinstance(moved_to, str) and moved_from != moved_to:
         earlier = {key: value.replace(moved_from, moved_to) if isinstance(value, str) else value
                    for key, value in earlier.items()}
+    named = {arg.split("=", 1)[0].lstrip("+~") for arg in given}
+    versioned = {key for key in set(earlier) ^ set(now_flat)
+                 if not any(key == name or key.startswith(name + ".") for name in named)}
     changed = sorted(key for key in set(earlier) | set(now_flat)
                      if earlier.get(key) != now_flat.get(key) and key not in RESUMABLE_CHANGES
-                     and not key.startswith("paths."))
+                     and not key.startswith("paths.") and key not in versioned)
     if changed:
         shown = ", ".join(f"{k}: {earlier.get(k)!r} -> {now_flat.get(k)!r}" for k in changed[:3])
         raise UserError(f"{run_dir} holds a run with other settings ({shown}{', ...' if len(changed) > 3 else ''}); "
                         "a rerun into a run folder continues that run: use a new folder, or the same settings")
+    if versioned:
+        added, dropped = sorted(versioned - set(earlier)), sorted(versioned - set(now_flat))
+        log.warning("%s was started by another llmtune version; continuing it%s%s", run_dir,
+                    f" with the settings it lacked at their defaults ({', '.join(added)})" if added else "",
+                    f", without settings this version no longer has ({', '.join(dropped)})" if dropped else "")
 
 
 def left_work(run_dir: Path) -> bool:
