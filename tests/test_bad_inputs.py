@@ -111,6 +111,13 @@ CASES = [
     # A run's settings: types and ranges (schema.py), keys and group options (config.check_overrides).
     job("max_epochs=abc", ["trainer.max_epochs=abc"], "trainer.max_epochs='abc' must be a valid integer"),
     job("batch_size=abc", ["trainer.batch_size=abc"], "trainer.batch_size='abc' must be a valid integer"),
+    job("max_epochs=0", ["trainer.max_epochs=0"], "trainer.max_epochs=0 trains nothing, so the tuned model would be "
+                                                 "the base", run_folder=True),
+    job("max_steps=0", ["trainer.max_steps=0"], "trainer.max_steps=0 trains nothing", run_folder=True),
+    job("no end", ["trainer.max_epochs=-1"], "trainer.max_epochs=-1 and trainer.max_steps=-1 train without end",
+        run_folder=True),
+    job("max_time=10min", ["trainer.max_time=10min"],
+        "trainer.max_time='10min' must be \"DD:HH:MM:SS\", e.g. 00:00:10:00 for ten minutes"),
     job("seed=abc", ["seed=abc"], "seed='abc' must be a valid integer"),
     job("seed=-1", ["seed=-1"], "seed=-1 must be greater than or equal to 0"),
     job("lora.r=0", ["method.lora.r=0"], "method.lora.r=0 must be greater than or equal to 1"),

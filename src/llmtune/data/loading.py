@@ -118,7 +118,8 @@ def load_rows(dataset_cfg: DictConfig, counts: dict | None = None) -> tuple[list
                               "dataset.label_column": dataset_cfg.label_column,
                               "dataset.id_column": dataset_cfg.id_column,
                               "dataset.split.column": None if table.part else split_cfg.get("column")},
-                      "set dataset.text_column (or text_template) / label_column / id_column / split.column")
+                      "set dataset.text_column (or text_template) / label_column / split.column to its column names, "
+                      "and dataset.id_column to one or null (ids are then row-<line>)")
         for index, record in enumerate(table.rows):
             raw = record[dataset_cfg.label_column]
             word = word_of(raw, mapping) if raw is not None else None
