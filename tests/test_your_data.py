@@ -200,7 +200,37 @@ def test_a_12000_character_row_trains_and_scores_with_its_cut_counted(tmp_path, 
     assert "weighted_f1" in metrics["results"]["tuned"]
 
 
+def test_test_metrics_are_broken_down_by_a_slice_column(tmp_path, cache_dir):
+    """dataset.slice_column: accuracy and macro-F1 per value (numbers in numeric order), each agreeing with the rows
+    of predictions.jsonl that carry that value, for base and tuned, and a table in the report."""
+    rows = [{"text": f"note {i} about {'gains' if i % 2 else 'losses'}", "label": i % 2,
+             "agreement": [50, 100, 66][i % 3] if i % 7 else None} for i in range(60)]
+    path = write_rows(tmp_path / "sliced.csv", rows)
+    run_dir = tmp_path / "run"
+    result = run_llmtune(["model=tiny", "dataset=imdb", f"dataset.path={path}", "dataset.files=null",
+                          "dataset.split.train_per_class=10", "dataset.split.test_per_class=15", "dataset.split.test_rows=null",
+                          "dataset.split.val_per_class=0", "dataset.slice_column=agreement", "trainer.max_epochs=1",
+                          f"hydra.run.dir={run_dir}"], cache_dir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    results = json.loads((run_dir / "metrics.json").read_text())["results"]
+    predictions = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
+    tuned, base = results["tuned"]["slices"], results["base"]["slices"]
+    assert list(tuned) == [v for v in ("50", "66", "100", "(empty)") if v in tuned] and "(empty)" in tuned
+    assert sum(s["n"] for s in tuned.values()) == len(predictions) == 30 and tuned.keys() == base.keys()
+    for value, scores in tuned.items():
+        mine = [p for p in predictions if p["slice"] == value]
+        assert scores["n"] == len(mine)
+        assert scores["accuracy"] == pytest.approx(sum(p["predicted"] == p["gold"] for p in mine) / len(mine))
+        assert base[value]["accuracy"] == pytest.approx(
+            sum(p["base_predicted"] == p["gold"] for p in mine) / len(mine))
+        low, high = scores["intervals"]["accuracy"]
+        assert low <= scores["accuracy"] <= high
+    report = (run_dir / "report.md").read_text()
+    assert "By agreement (dataset.slice_column" in report and f"| 100 | {tuned['100']['n']} |" in report
+
+
 @pytest.mark.parametrize("case,expected", [
+    ("slice_column", "has no column for dataset.slice_column='source'"),
     ("split_value", "has split='holdout', which is none of train, validation, test"),
     ("missing_file", "dataset file not found"),
     ("unmapped_label", "has label 7, which is not in the keys of dataset.labels ['0', '1']"),
@@ -209,7 +239,8 @@ def test_a_12000_character_row_trains_and_scores_with_its_cut_counted(tmp_path, 
 ])
 def test_each_mistake_in_the_data_settings_is_one_line_before_any_model_loads(tmp_path, cache_dir, case, expected):
     rows = coded_rows("r", 6, "train") + coded_rows("t", 3, "test")
-    options = {"split_value": ["dataset.split.column=split"],
+    options = {"slice_column": ["dataset.slice_column=source"],
+               "split_value": ["dataset.split.column=split"],
                "missing_file": [f"dataset.files={{train: {tmp_path / 'nope.csv'}, test: {tmp_path / 'data.csv'}}}"],
                "unmapped_label": [],
                "template_column": ["dataset.text_template='{text} {subtitle}'"],

@@ -236,6 +236,22 @@ def classification_detail(tuned: dict, tuned_name: str) -> list[str]:
     return lines
 
 
+def slice_detail(results: dict, column: str | None, tuned_name: str) -> list[str]:
+    """The test metrics per value of dataset.slice_column, base beside tuned; nothing without that setting."""
+    tuned = results["tuned"].get("slices")
+    if not tuned:
+        return []
+    base = (results.get("base") or {}).get("slices") or {}
+    lines = ["", f"By {column} (dataset.slice_column; 95% intervals in brackets):", "",
+             f"| {column} | rows | base accuracy | {tuned_name} accuracy | {tuned_name} macro-F1 |", "|---|---|---|---|---|"]
+    for value, scores in tuned.items():
+        before = f"{base[value]['accuracy']:.3f}" if value in base else "-"
+        low, high = scores["intervals"].get("accuracy", [scores["accuracy"]] * 2)
+        lines.append(f"| {value} | {scores['n']} | {before} | {scores['accuracy']:.3f} [{low:.3f}, {high:.3f}] | "
+                     f"{scores['macro_f1']:.3f} |")
+    return lines
+
+
 def answer_examples(records: list[dict], tuned_name: str) -> list[str]:
     lines = ["", f"Example answers (first {RETRIEVAL_EXAMPLES} test rows):", ""]
     for record in records[:RETRIEVAL_EXAMPLES]:

@@ -117,6 +117,7 @@ def load_rows(dataset_cfg: DictConfig, counts: dict | None = None) -> tuple[list
         check_columns(table, {**text_keys,
                               "dataset.label_column": dataset_cfg.label_column,
                               "dataset.id_column": dataset_cfg.id_column,
+                              "dataset.slice_column": dataset_cfg.get("slice_column"),
                               "dataset.split.column": None if table.part else split_cfg.get("column")},
                       "set dataset.text_column (or text_template) / label_column / split.column to its column names, "
                       "and dataset.id_column to one or null (ids are then row-<line>)")
@@ -133,13 +134,22 @@ def load_rows(dataset_cfg: DictConfig, counts: dict | None = None) -> tuple[list
                 continue
             row_id = str(record[dataset_cfg.id_column]) if dataset_cfg.id_column else _row_id(table, index, len(tables))
             rows.append({"id": row_id, "text": text, "label": word, "raw_label": word_of(raw, None),
-                         **({"split": part} if part else {})})
+                         **({"split": part} if part else {}), **_slice_of(record, dataset_cfg)})
         read += len(table.rows)
     if counts is not None:
         counts.update(rows_read=read, empty_text=read - len(rows))
     if not rows:
         raise UserError(f"{dataset_cfg.get('path')} has no row with text in {', '.join(fields)}")
     return rows, given_by
+
+
+def _slice_of(record: dict, dataset_cfg: DictConfig) -> dict:
+    """{"slice": the row's value of dataset.slice_column} (an empty cell: "(empty)"); {} without that setting."""
+    column = dataset_cfg.get("slice_column")
+    if not column:
+        return {}
+    value = record[column]
+    return {"slice": "(empty)" if value is None or str(value).strip() == "" else word_of(value, None)}
 
 
 def read_table(path: str, dataset_cfg: DictConfig):

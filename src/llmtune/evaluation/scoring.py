@@ -136,14 +136,15 @@ def classify(model, tokenizer, rows: list[dict], prompt_format: PromptFormat, la
 
 
 def labelled_predictions(rows: list[dict], labels: list[str], logits: torch.Tensor) -> list[dict]:
-    """{id, text, gold, predicted, scores, logits} per row from its logit of each label (row i of logits: a label
+    """{id, text, gold, predicted, scores, logits (, slice)} per row from its logit of each label (row i of logits: a label
     log-likelihood, or a classification head's output); scores are softmax(logits), which a run's temperature
     (llmtune.tasks.classification) later rescales."""
     records = []
     for row, row_logits in zip(rows, logits):
         predicted, scores = label_choice(labels, torch.softmax(row_logits, dim=0))
         records.append({"id": row["id"], "text": row["text"], "gold": row["label"], "predicted": predicted,
-                        "scores": scores, "logits": {label: float(v) for label, v in zip(labels, row_logits)}})
+                        "scores": scores, "logits": {label: float(v) for label, v in zip(labels, row_logits)},
+                        **({"slice": row["slice"]} if "slice" in row else {})})
     return records
 
 
