@@ -138,6 +138,22 @@ def test_qa_run_without_rag_generates_answers_and_scores_them(tmp_path, cache_di
     assert "| rougeL |" in report and "Example answers" in report and "## Retrieval" not in report
 
 
+def test_qa_test_metrics_are_broken_down_by_a_slice_column(tmp_path, cache_dir, tiny_model_dir):
+    """dataset.slice_column on Q&A: ROUGE-L and BLEU per value, each those of the answers carrying that value."""
+    summary, records, report = run_qa(tmp_path, cache_dir, tiny_model_dir, "rag=false", "dataset.slice_column=page",
+                                      "dataset.split.test_rows=8")
+    slices = summary["results"]["tuned"]["slices"]
+    assert sum(s["n"] for s in slices.values()) == len(records) == 8
+    pages = [v for v in slices if v != "(empty)"]
+    assert pages == sorted(pages, key=float) and list(slices)[:len(pages)] == pages  # numbers by value, then words
+    for value, scores in slices.items():
+        mine = [r for r in records if r["slice"] == value]
+        assert scores["n"] == len(mine) and scores["rougeL"] == pytest.approx(qa_metrics(mine)["rougeL"])
+        assert set(scores) == {"n", "rougeL", "bleu", "intervals"} and "rougeL" in scores["intervals"]
+    assert summary["results"]["base"]["slices"].keys() == slices.keys()
+    assert "By page (dataset.slice_column" in report and "| page | rows | base rougeL | tuned rougeL |" in report
+
+
 def test_qa_run_with_rag_puts_retrieved_chunks_in_the_prompts_and_reports_them(tmp_path, cache_dir, tiny_model_dir):
     summary, records, report = run_qa(tmp_path, cache_dir, tiny_model_dir, "rag=true", "retriever.k=2")
     retrieval = summary["retrieval"]

@@ -236,19 +236,21 @@ def classification_detail(tuned: dict, tuned_name: str) -> list[str]:
     return lines
 
 
-def slice_detail(results: dict, column: str | None, tuned_name: str) -> list[str]:
+def slice_detail(results: dict, column: str | None, task, tuned_name: str) -> list[str]:
     """The test metrics per value of dataset.slice_column, base beside tuned; nothing without that setting."""
     tuned = results["tuned"].get("slices")
     if not tuned:
         return []
     base = (results.get("base") or {}).get("slices") or {}
+    headline, second = task.headline, task.slice_metric
     lines = ["", f"By {column} (dataset.slice_column; 95% intervals in brackets):", "",
-             f"| {column} | rows | base accuracy | {tuned_name} accuracy | {tuned_name} macro-F1 |", "|---|---|---|---|---|"]
+             f"| {column} | rows | base {headline} | {tuned_name} {headline} | {tuned_name} {second} |",
+             "|---|---|---|---|---|"]
     for value, scores in tuned.items():
-        before = f"{base[value]['accuracy']:.3f}" if value in base else "-"
-        low, high = scores["intervals"].get("accuracy", [scores["accuracy"]] * 2)
-        lines.append(f"| {value} | {scores['n']} | {before} | {scores['accuracy']:.3f} [{low:.3f}, {high:.3f}] | "
-                     f"{scores['macro_f1']:.3f} |")
+        before = f"{base[value][headline]:.3f}" if value in base else "-"
+        low, high = scores["intervals"].get(headline, [scores[headline]] * 2)
+        lines.append(f"| {value} | {scores['n']} | {before} | {scores[headline]:.3f} [{low:.3f}, {high:.3f}] | "
+                     f"{scores[second]:.3f} |")
     return lines
 
 

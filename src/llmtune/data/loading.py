@@ -134,7 +134,7 @@ def load_rows(dataset_cfg: DictConfig, counts: dict | None = None) -> tuple[list
                 continue
             row_id = str(record[dataset_cfg.id_column]) if dataset_cfg.id_column else _row_id(table, index, len(tables))
             rows.append({"id": row_id, "text": text, "label": word, "raw_label": word_of(raw, None),
-                         **({"split": part} if part else {}), **_slice_of(record, dataset_cfg)})
+                         **({"split": part} if part else {}), **slice_of(record, dataset_cfg)})
         read += len(table.rows)
     if counts is not None:
         counts.update(rows_read=read, empty_text=read - len(rows))
@@ -143,7 +143,7 @@ def load_rows(dataset_cfg: DictConfig, counts: dict | None = None) -> tuple[list
     return rows, given_by
 
 
-def _slice_of(record: dict, dataset_cfg: DictConfig) -> dict:
+def slice_of(record: dict, dataset_cfg: DictConfig) -> dict:
     """{"slice": the row's value of dataset.slice_column} (an empty cell: "(empty)"); {} without that setting."""
     column = dataset_cfg.get("slice_column")
     if not column:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from llmtune.data.loading import check_columns, read_source, split_of
+from llmtune.data.loading import check_columns, read_source, slice_of, split_of
 from llmtune.errors import UserError
 
 
@@ -17,8 +17,8 @@ def load_qa_rows(dataset_cfg: DictConfig, counts: dict | None = None) -> tuple[l
     and empty_text (rows without a question or an answer, after dataset.keep)."""
     tables, given_by = read_source(dataset_cfg, "qa_file")
     split_cfg = dataset_cfg.get("split") or {}
-    columns = {key: dataset_cfg[key] for key in ("question_column", "answer_column", "id_column", "tokens_column",
-                                                  "source_column", "page_column")}
+    columns = {key: dataset_cfg.get(key) for key in ("question_column", "answer_column", "id_column", "tokens_column",
+                                                      "source_column", "page_column", "slice_column")}
     keep = {column: set(values) for column, values in (dataset_cfg.get("keep") or {}).items()}
     rows, empty, read = [], 0, 0
     for table in tables:
@@ -39,7 +39,7 @@ def load_qa_rows(dataset_cfg: DictConfig, counts: dict | None = None) -> tuple[l
                 "tokens": _token_list(record.get(columns["tokens_column"]), table.name, index),
                 "gold_source": _cell(record, columns["source_column"]),
                 "gold_page": _page(_cell(record, columns["page_column"])),
-                **({"split": part} if part else {}),
+                **({"split": part} if part else {}), **slice_of(record, dataset_cfg),
             })
         read += len(table.rows)
     if counts is not None:

@@ -44,8 +44,8 @@ def answer_questions(model, tokenizer, rows: list[dict], prompt_format: PromptFo
                 answers[i] = first_line(text)
     finally:
         tokenizer.padding_side = padding_side
-    return [{"id": r["id"], "text": r["text"], "gold": r["answer"], "predicted": answer, "tokens": r["tokens"]}
-            for r, answer in zip(rows, answers)]
+    return [{"id": r["id"], "text": r["text"], "gold": r["answer"], "predicted": answer, "tokens": r["tokens"],
+             **({"slice": r["slice"]} if "slice" in r else {})} for r, answer in zip(rows, answers)]
 
 
 def first_line(text: str) -> str:

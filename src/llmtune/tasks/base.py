@@ -19,6 +19,7 @@ class Task(ABC):
     name: str
     headline: str  # the metric a run returns (what sweeps optimise) and the report ranks by
     report_metrics: tuple[str, ...]  # rows of the base-vs-tuned table; the first two also summarise validation
+    slice_metric: str  # shown beside the headline for each value of dataset.slice_column
     answer_ends_with_eos: bool  # training answers end with EOS where the model must learn to stop generating
 
     def __init__(self, dataset: DictConfig):
@@ -48,6 +49,23 @@ class Task(ABC):
     def metrics(self, predictions: list[dict]) -> dict:
         """Every metric of the predictions, with `n`."""
 
+    def slice_metrics(self, predictions: list[dict]) -> dict[str, dict] | None:
+        """dataset.slice_column: {value: {n, headline and slice_metric, intervals}} over the predictions of each
+        value, values in natural order (numbers by value); None where the rows carry no slice."""
+        if not any("slice" in p for p in predictions):
+            return None
+        groups: dict[str, list[dict]] = {}
+        for p in predictions:
+            groups.setdefault(str(p.get("slice", "(empty)")), []).append(p)
+        keep = (self.headline, self.slice_metric)
+        slices = {}
+        for value in sorted(groups, key=_natural_order):
+            scores = self.metrics(groups[value])
+            slices[value] = {"n": len(groups[value]), **{name: scores[name] for name in keep},
+                             "intervals": {name: scores["intervals"][name] for name in keep
+                                           if name in scores.get("intervals", {})}}
+        return slices
+
     @abstractmethod
     def retriever(self, retriever_cfg: DictConfig, train: list[dict], cache_dir: str | Path
                   ) -> tuple[Callable, dict]:
@@ -69,8 +87,9 @@ class Task(ABC):
 
     def test_metrics(self, predictions: list[dict]) -> dict:
         """The metrics of the run's final answers to the test split: metrics(), plus any judgement too costly to
-        spend at every validation (Q&A: the LLM judge)."""
-        return self.metrics(predictions)
+        spend at every validation (Q&A: the LLM judge), and the metrics per slice (dataset.slice_column)."""
+        slices = self.slice_metrics(predictions)
+        return {**self.metrics(predictions), **({"slices": slices} if slices else {})}
 
     def fit_calibration(self, val_predictions: list[dict] | None) -> dict | None:
         """What calibrate() needs, fitted on the validation predictions (for metrics.json); None: nothing to fit."""
@@ -110,3 +129,11 @@ def task_of(cfg: DictConfig, trust_remote_code: bool = False) -> Task:
         return instantiate_trusted(cfg.task, trust_remote_code, dataset=cfg.dataset)
     legacy = {"classification": Classification, "qa": QuestionAnswering}
     return legacy[cfg.dataset.get("task", "classification")](dataset=cfg.dataset)
+
+
+def _natural_order(value: str) -> tuple:
+    """Numbers before words, numbers by value: 50 < 66 < 100."""
+    try:
+        return (0, float(value), "")
+    except ValueError:
+        return (1, 0.0, value)

@@ -2,7 +2,6 @@
 
 from pathlib import Path
 
-import numpy as np
 import torch
 from omegaconf import DictConfig
 
@@ -24,6 +23,7 @@ class Classification(Task):
     name = "classification"
     headline = "accuracy"
     report_metrics = ("accuracy", "macro_f1", "weighted_f1", "macro_precision", "macro_recall")
+    slice_metric = "macro_f1"
     answer_ends_with_eos = False  # a label is scored, never generated
 
     @property
@@ -58,26 +58,7 @@ class Classification(Task):
             raw = torch.softmax(logits, dim=1)
             metrics["before_scaling"] = {**calibration_metrics(raw, gold_ids),
                                          "reliability": reliability_bins(raw, gold_ids)}
-        if any("slice" in p for p in predictions):
-            metrics["slices"] = self.slice_metrics(predictions)
         return metrics
-
-    def slice_metrics(self, predictions: list[dict]) -> dict[str, dict]:
-        """{value of dataset.slice_column: {n, accuracy, macro_f1, intervals}}, values in natural order (numbers by
-        value). Macro-F1 averages over every label, so a slice missing a label scores 0 on it."""
-        groups: dict[str, list[dict]] = {}
-        for p in predictions:
-            groups.setdefault(str(p.get("slice", "(none)")), []).append(p)
-        slices = {}
-        for value in sorted(groups, key=_natural_order):
-            predicted, gold = [p["predicted"] for p in groups[value]], [p["gold"] for p in groups[value]]
-            statistics = classification_statistics(predicted, gold, self.labels)
-            whole = statistics(np.arange(len(gold)))
-            slices[value] = {"n": len(gold), "accuracy": whole["accuracy"], "macro_f1": whole["macro_f1"],
-                             "intervals": {name: interval for name, interval in
-                                           bootstrap_intervals(statistics, len(gold)).items()
-                                           if name in ("accuracy", "macro_f1")}}
-        return slices
 
     def fit_calibration(self, val_predictions: list[dict] | None) -> dict | None:
         """Temperature scaling fitted on the validation predictions' logits; None without validation rows (or
@@ -124,12 +105,5 @@ class Classification(Task):
 
     def report_detail(self, results: dict, records: list[dict], tuned_name: str) -> list[str]:
         return [*run_outputs.classification_detail(results["tuned"], tuned_name),
-                *run_outputs.slice_detail(results, self.dataset.get("slice_column"), tuned_name)]
+                *run_outputs.slice_detail(results, self.dataset.get("slice_column"), self, tuned_name)]
 
-
-def _natural_order(value: str) -> tuple:
-    """Numbers before words, numbers by value: 50 < 66 < 100."""
-    try:
-        return (0, float(value), "")
-    except ValueError:
-        return (1, 0.0, value)

@@ -18,6 +18,7 @@ class QuestionAnswering(Task):
     headline = "rougeL"
     # The judge's rows show only where a model was judged (run_outputs leaves out a metric no model has).
     report_metrics = ("bleu", "rouge1", "rouge2", "rougeL", "ngram_similarity", "token_presence", *JUDGE_METRICS)
+    slice_metric = "bleu"
     answer_ends_with_eos = True  # a generated answer must learn to stop
 
     def __init__(self, dataset: DictConfig, judge: DictConfig | None = None):
@@ -44,7 +45,7 @@ class QuestionAnswering(Task):
     def test_metrics(self, predictions: list[dict]) -> dict:
         """metrics(), and the judge's scores (eval.judge), each judged prediction getting its verdict. Validation
         answers are never judged: they are scored at every validation."""
-        metrics = qa_metrics(predictions)
+        metrics = super().test_metrics(predictions)
         graded = self.judge.grade(predictions) if self.judge else None
         if graded:
             metrics["intervals"].update(graded.pop("intervals"))
@@ -60,4 +61,5 @@ class QuestionAnswering(Task):
         return recall_at_k(rows)
 
     def report_detail(self, results: dict, records: list[dict], tuned_name: str) -> list[str]:
-        return run_outputs.answer_examples(records, tuned_name)
+        return [*run_outputs.slice_detail(results, self.dataset.get("slice_column"), self, tuned_name),
+                *run_outputs.answer_examples(records, tuned_name)]
