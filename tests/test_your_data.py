@@ -178,17 +178,22 @@ def test_long_texts_are_cut_to_the_token_budget_on_the_chosen_side(tiny_model_di
     assert truncate_texts([long_text], tokenizer, None, "head") == ([long_text], 0)
 
 
+def tiny_run_on(path, cache_dir, train_per_class: int, test_per_class: int, *overrides: str):
+    """A one-epoch tiny-model run on the file at path (dataset=imdb's reading settings), into run/ beside it."""
+    run_dir = path.parent / "run"
+    result = run_llmtune(["model=tiny", "dataset=imdb", f"dataset.path={path}", "dataset.files=null",
+                          f"dataset.split.train_per_class={train_per_class}", f"dataset.split.test_per_class={test_per_class}",
+                          "dataset.split.test_rows=null", "dataset.split.val_per_class=0", "trainer.max_epochs=1",
+                          f"hydra.run.dir={run_dir}", *overrides], cache_dir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return run_dir
+
+
 def test_a_12000_character_row_trains_and_scores_with_its_cut_counted(tmp_path, cache_dir):
     rows = [{"text": f"short note {i} about {'gains' if i % 2 else 'losses'}", "label": i % 2} for i in range(24)]
     rows[3]["text"] = "losses " * 1800 + "in the end gains"            # 12,616 characters
     rows[4]["text"] = "gains " * 2000
-    path = write_rows(tmp_path / "long.csv", rows)
-    run_dir = tmp_path / "run"
-    result = run_llmtune(["model=tiny", "dataset=imdb", f"dataset.path={path}", "dataset.files=null",
-                          "dataset.split.train_per_class=8", "dataset.split.test_per_class=4", "dataset.split.test_rows=null",
-                          "dataset.split.val_per_class=0", "dataset.max_input_tokens=48", "trainer.max_epochs=1",
-                          f"hydra.run.dir={run_dir}"], cache_dir)
-    assert result.returncode == 0, result.stderr[-2000:]
+    run_dir = tiny_run_on(write_rows(tmp_path / "long.csv", rows), cache_dir, 8, 4, "dataset.max_input_tokens=48")
     metrics = json.loads((run_dir / "metrics.json").read_text())
     cut = metrics["data"]["truncated"]
     assert cut["max_input_tokens"] == 48 and cut["side"] == "head+tail"
@@ -205,13 +210,7 @@ def test_test_metrics_are_broken_down_by_a_slice_column(tmp_path, cache_dir):
     of predictions.jsonl that carry that value, for base and tuned, and a table in the report."""
     rows = [{"text": f"note {i} about {'gains' if i % 2 else 'losses'}", "label": i % 2,
              "agreement": [50, 100, 66][i % 3] if i % 7 else None} for i in range(60)]
-    path = write_rows(tmp_path / "sliced.csv", rows)
-    run_dir = tmp_path / "run"
-    result = run_llmtune(["model=tiny", "dataset=imdb", f"dataset.path={path}", "dataset.files=null",
-                          "dataset.split.train_per_class=10", "dataset.split.test_per_class=15", "dataset.split.test_rows=null",
-                          "dataset.split.val_per_class=0", "dataset.slice_column=agreement", "trainer.max_epochs=1",
-                          f"hydra.run.dir={run_dir}"], cache_dir)
-    assert result.returncode == 0, result.stderr[-2000:]
+    run_dir = tiny_run_on(write_rows(tmp_path / "sliced.csv", rows), cache_dir, 10, 15, "dataset.slice_column=agreement")
     results = json.loads((run_dir / "metrics.json").read_text())["results"]
     predictions = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
     tuned, base = results["tuned"]["slices"], results["base"]["slices"]
