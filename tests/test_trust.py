@@ -195,6 +195,25 @@ def test_the_best_validation_checkpoint_is_restored_before_the_test(tiny_model_d
     assert summary["train"]["stopped_by"] == "limit"
 
 
+def test_a_resumed_run_remembers_the_best_validation_before_the_interruption(tiny_model_dir, tmp_path, cache_dir):
+    """last.ckpt holds the selection's state as of its own validation, so a run continued from it (here with a last
+    epoch spoiled on purpose) still restores the best weights of the first attempt, and keeps one best checkpoint."""
+    first, validations = run_learnable(tmp_path, tiny_model_dir, cache_dir, ["trainer.max_epochs=2"], "run")
+    checkpoints = tmp_path / "run" / "checkpoints"
+    state = next(value for key, value in torch.load(checkpoints / "last.ckpt", weights_only=False)["callbacks"].items()
+                 if "val/accuracy" in key)
+    best_before = max(float(row["val/accuracy"]) for row in validations)
+    assert Path(state["best_model_path"]).name == f"best-{first['train']['selection']['best_step']}.ckpt"
+    assert float(state["best_model_score"]) == pytest.approx(best_before) and best_before > 0.6
+
+    spoil = f"+callbacks.spoil._target_={__name__}.SpoilTheHeadInTheLastEpoch"
+    resumed, _ = run_learnable(tmp_path, tiny_model_dir, cache_dir, ["trainer.max_epochs=3", spoil], "run")
+    assert resumed["train"]["resumed_from_step"] == first["train"]["steps"]
+    assert resumed["train"]["selection"] == first["train"]["selection"]  # the spoiled third epoch is not chosen
+    assert resumed["results"]["val"]["accuracy"] == pytest.approx(best_before)
+    assert len(list(checkpoints.glob("best-*.ckpt"))) == 1
+
+
 def test_early_stopping_ends_training_once_validation_stops_improving(tiny_model_dir, tmp_path, cache_dir):
     summary, validations = run_learnable(tmp_path, tiny_model_dir, cache_dir,
                                          ["trainer.max_epochs=30", "trainer.early_stopping.patience=2"], "early")
