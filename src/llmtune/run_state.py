@@ -17,8 +17,9 @@ from llmtune.files import write_atomic
 
 log = logging.getLogger(__name__)
 
-# Settings a resumed run may change: how long it trains. Anything else would mix two runs in one folder.
-RESUMABLE_CHANGES = ("trainer.max_epochs", "trainer.max_steps", "trainer.max_time")
+# Settings a resumed run may change: how long it trains, and how its checkpoints are saved (a key ending in "." stands
+# for every key under it). Anything else would mix two runs in one folder.
+RESUMABLE_CHANGES = ("trainer.max_epochs", "trainer.max_steps", "trainer.max_time", "callbacks.checkpoint.")
 # What a run writes once it has done work (checkpoints aside): a folder holding none of them holds nothing to continue.
 WORK_PRODUCTS = ("base_predictions.jsonl", "adapter", "model", "predictions.jsonl", "metrics.json")
 
@@ -84,8 +85,7 @@ def check_same_run(run_dir: Path, config: dict, given: list[str] = ()) -> None:
     versioned = {key for key in set(earlier) ^ set(now_flat)
                  if not any(key == name or key.startswith(name + ".") for name in named)}
     changed = sorted(key for key in set(earlier) | set(now_flat)
-                     if earlier.get(key) != now_flat.get(key) and key not in RESUMABLE_CHANGES
-                     and not key.startswith("paths.") and key not in versioned)
+                     if earlier.get(key) != now_flat.get(key) and not _resumable(key) and key not in versioned)
     if changed:
         shown = ", ".join(f"{k}: {earlier.get(k)!r} -> {now_flat.get(k)!r}" for k in changed[:3])
         raise UserError(f"{run_dir} holds a run with other settings ({shown}{', ...' if len(changed) > 3 else ''}); "
@@ -95,6 +95,12 @@ def check_same_run(run_dir: Path, config: dict, given: list[str] = ()) -> None:
         log.warning("%s was started by another llmtune version; continuing it%s%s", run_dir,
                     f" with the settings it lacked at their defaults ({', '.join(added)})" if added else "",
                     f", without settings this version no longer has ({', '.join(dropped)})" if dropped else "")
+
+
+def _resumable(key: str) -> bool:
+    """A change a resumed run may make: RESUMABLE_CHANGES, or its own paths (a moved folder)."""
+    return any(key == allowed or (allowed.endswith(".") and key.startswith(allowed))
+               for allowed in (*RESUMABLE_CHANGES, "paths."))
 
 
 def left_work(run_dir: Path) -> bool:
