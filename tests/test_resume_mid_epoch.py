@@ -113,11 +113,13 @@ def test_a_run_started_by_another_llmtune_version_resumes_with_its_settings_at_t
 
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"a checkpoint")
-    older = {"seed": 1, "method": {"lr": 2e-4, "retired_option": True}, "callbacks": {"checkpoint": {"save_last": True}}}
+    older = {"seed": 1, "method": {"lr": 2e-4, "retired_option": True}, "callbacks": {"checkpoint": {"save_last": True}},
+             "logger": {"_target_": "lightning.pytorch.loggers.CSVLogger"}}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(older))
-    # How checkpoints are saved may change too (last.ckpt became a link): it does not change what the run computes.
+    # How checkpoints are saved and where the run logs may change too: neither changes what the run computes.
     upgraded = {"seed": 1, "method": {"lr": 2e-4, "label_smoothing": 0.0},
-                "callbacks": {"checkpoint": {"save_last": "link"}}}
+                "callbacks": {"checkpoint": {"save_last": "link"}},
+                "logger": {"_target_": "llmtune.training.csv_logger.ContinuedCSVLogger"}}
     with caplog.at_level("WARNING"):
         check_same_run(tmp_path, upgraded, ["seed=1"])
     assert "another llmtune version" in caplog.text
@@ -128,3 +130,21 @@ def test_a_run_started_by_another_llmtune_version_resumes_with_its_settings_at_t
                        ["method.label_smoothing=0.1"])
     with pytest.raises(UserError, match=r"other settings \(method.lr: 0.0002 -> 0.001\)"):
         check_same_run(tmp_path, {**upgraded, "method": {"lr": 1e-3, "label_smoothing": 0.0}}, ["method.lr=1e-3"])
+
+
+def test_a_run_continued_in_its_folder_keeps_the_earlier_attempts_log_rows(tmp_path, cache_dir):
+    """Lightning's CSVLogger deletes logs/metrics.csv when its folder is not empty; a continued run appends to it."""
+    import csv
+
+    from conftest import run_llmtune
+
+    args = ["model=tiny", "dataset.split.train_per_class=10", "dataset.split.test_per_class=5",
+            "trainer.log_every_n_steps=1", f"hydra.run.dir={tmp_path / 'run'}"]
+    for epochs in (1, 2):  # the second: resume with a longer budget
+        result = run_llmtune([*args, f"trainer.max_epochs={epochs}"], cache_dir)
+        assert result.returncode == 0, result.stderr[-2000:]
+        with open(tmp_path / "run" / "logs" / "metrics.csv", newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+        losses = {int(row["epoch"]) for row in rows if row.get("train/loss")}
+        assert losses == set(range(epochs))  # every epoch's training rows, the first attempt's included
+        assert sum(1 for row in rows if row.get("val/accuracy") and row.get("val/loss")) == epochs

@@ -17,9 +17,9 @@ from llmtune.files import write_atomic
 
 log = logging.getLogger(__name__)
 
-# Settings a resumed run may change: how long it trains, and how its checkpoints are saved (a key ending in "." stands
-# for every key under it). Anything else would mix two runs in one folder.
-RESUMABLE_CHANGES = ("trainer.max_epochs", "trainer.max_steps", "trainer.max_time", "callbacks.checkpoint.")
+# Settings a resumed run may change: how long it trains, how its checkpoints are saved and where it logs (a key ending
+# in "." stands for every key under it). Anything else would mix two runs in one folder.
+RESUMABLE_CHANGES = ("trainer.max_epochs", "trainer.max_steps", "trainer.max_time", "callbacks.checkpoint.", "logger.")
 # What a run writes once it has done work (checkpoints aside): a folder holding none of them holds nothing to continue.
 WORK_PRODUCTS = ("base_predictions.jsonl", "adapter", "model", "predictions.jsonl", "metrics.json")
 
