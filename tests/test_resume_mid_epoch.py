@@ -113,7 +113,8 @@ def test_a_run_started_by_another_llmtune_version_resumes_with_its_settings_at_t
 
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"a checkpoint")
-    older = {"seed": 1, "method": {"lr": 2e-4, "retired_option": True}, "callbacks": {"checkpoint": {"save_last": True}},
+    older = {"seed": 1, "method": {"lr": 2e-4, "retired_option": True},
+             "callbacks": {"checkpoint": {"save_last": True}},
              "logger": {"_target_": "lightning.pytorch.loggers.CSVLogger"}}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(older))
     # How checkpoints are saved and where the run logs may change too: neither changes what the run computes.

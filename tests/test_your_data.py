@@ -182,7 +182,8 @@ def tiny_run_on(path, cache_dir, train_per_class: int, test_per_class: int, *ove
     """A one-epoch tiny-model run on the file at path (dataset=imdb's reading settings), into run/ beside it."""
     run_dir = path.parent / "run"
     result = run_llmtune(["model=tiny", "dataset=imdb", f"dataset.path={path}", "dataset.files=null",
-                          f"dataset.split.train_per_class={train_per_class}", f"dataset.split.test_per_class={test_per_class}",
+                          f"dataset.split.train_per_class={train_per_class}",
+                          f"dataset.split.test_per_class={test_per_class}",
                           "dataset.split.test_rows=null", "dataset.split.val_per_class=0", "trainer.max_epochs=1",
                           f"hydra.run.dir={run_dir}", *overrides], cache_dir)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -210,7 +211,8 @@ def test_test_metrics_are_broken_down_by_a_slice_column(tmp_path, cache_dir):
     of predictions.jsonl that carry that value, for base and tuned, and a table in the report."""
     rows = [{"text": f"note {i} about {'gains' if i % 2 else 'losses'}", "label": i % 2,
              "agreement": [50, 100, 66][i % 3] if i % 7 else None} for i in range(60)]
-    run_dir = tiny_run_on(write_rows(tmp_path / "sliced.csv", rows), cache_dir, 10, 15, "dataset.slice_column=agreement")
+    path = write_rows(tmp_path / "sliced.csv", rows)
+    run_dir = tiny_run_on(path, cache_dir, 10, 15, "dataset.slice_column=agreement")
     results = json.loads((run_dir / "metrics.json").read_text())["results"]
     predictions = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
     tuned, base = results["tuned"]["slices"], results["base"]["slices"]

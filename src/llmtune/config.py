@@ -218,8 +218,8 @@ def rule_problems(cfg: DictConfig, task, method) -> list[str]:
                         "(-1: no limit), or run method=zeroshot to score the untuned model alone")
     elif method.trains and cfg.trainer.max_epochs == cfg.trainer.max_steps == -1 and not cfg.trainer.get("max_time") \
             and not (cfg.trainer.get("early_stopping") or {}).get("patience"):
-        problems.append("trainer.max_epochs=-1 and trainer.max_steps=-1 train without end: set either, or a wall budget "
-                        "trainer.max_time=DD:HH:MM:SS")
+        problems.append("trainer.max_epochs=-1 and trainer.max_steps=-1 train without end: set either, or a wall "
+                        "budget trainer.max_time=DD:HH:MM:SS")
     packing = cfg.trainer.get("packing")
     if packing is not None and (isinstance(packing, bool) or not isinstance(packing, int) or packing < 1):
         problems.append(f"trainer.packing={packing!r} must be a token count (e.g. 512) or null (off)")

@@ -37,7 +37,8 @@ def run_job(cfg: DictConfig) -> float | None:
         return None
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    check_same_run(run_dir, public_config(cfg), _job_overrides())  # a rerun into a run folder continues that run, never another
+    # A rerun into a run folder continues that run, never another.
+    check_same_run(run_dir, public_config(cfg), _job_overrides())
     started = now()
     write_status(run_dir, "running", started)
     _mask_secrets_in_hydra_files(cfg, run_dir)

@@ -57,7 +57,8 @@ def run(cfg: DictConfig) -> float | None:
     val_rows = splits["val"][:cfg.trainer.val_score_rows]
     selection = ModelSelection(cfg.trainer, run_dir, task, val_rows and partial(
         score, task, method, val_rows, prompts, cfg.eval, "scoring validation"))
-    # selection's first: Lightning runs checkpoint callbacks in list order, and last.ckpt must hold the best score so far
+    # Selection's callbacks first: Lightning runs checkpoint callbacks in list order, and last.ckpt must hold the
+    # best score so far.
     new_trainer = partial(make_trainer, cfg.trainer, run_dir, logger,
                           [*selection.callbacks, *instantiate_each(cfg.callbacks)])
     training = method.fit(task, splits, prompts, cfg.trainer, cfg.seed, new_trainer, last_checkpoint(run_dir),

@@ -66,8 +66,11 @@ class TrainerSettings(_Section):
     accelerator: ACCELERATORS
     devices: int | str | list[int]
     select: Literal["best", "last"] = "best"
-    # Lightning's Timer reads "DD:HH:MM:SS" (or a timedelta's keywords, {hours: 1}); "10min" fails only once training starts.
+    # Lightning's Timer reads "DD:HH:MM:SS" (or a timedelta's keywords, {hours: 1}); "10min" would fail only once
+    # training starts.
     max_time: str | dict[str, float] | None = None
+    early_stopping: EarlyStoppingSettings
+    val_score_rows: int = Field(default=200, ge=1)
 
     @field_validator("max_time")
     @classmethod
@@ -75,8 +78,6 @@ class TrainerSettings(_Section):
         if isinstance(max_time, str) and not re.fullmatch(r"\d+:\d{1,2}:\d{1,2}:\d{1,2}", max_time):
             raise ValueError('must be "DD:HH:MM:SS", e.g. 00:00:10:00 for ten minutes')
         return max_time
-    early_stopping: EarlyStoppingSettings
-    val_score_rows: int = Field(default=200, ge=1)
 
 
 class GenerationSettings(_Section):

@@ -136,9 +136,9 @@ def classify(model, tokenizer, rows: list[dict], prompt_format: PromptFormat, la
 
 
 def labelled_predictions(rows: list[dict], labels: list[str], logits: torch.Tensor) -> list[dict]:
-    """{id, text, gold, predicted, scores, logits (, slice)} per row from its logit of each label (row i of logits: a label
-    log-likelihood, or a classification head's output); scores are softmax(logits), which a run's temperature
-    (llmtune.tasks.classification) later rescales."""
+    """{id, text, gold, predicted, scores, logits, and the row's slice if it has one} per row from its logit of each
+    label (row i of logits: a label log-likelihood, or a classification head's output); scores are softmax(logits),
+    which a run's temperature (llmtune.tasks.classification) later rescales."""
     records = []
     for row, row_logits in zip(rows, logits):
         predicted, scores = label_choice(labels, torch.softmax(row_logits, dim=0))

@@ -106,4 +106,3 @@ class Classification(Task):
     def report_detail(self, results: dict, records: list[dict], tuned_name: str) -> list[str]:
         return [*run_outputs.classification_detail(results["tuned"], tuned_name),
                 *run_outputs.slice_detail(results, self.dataset.get("slice_column"), self, tuned_name)]
-
