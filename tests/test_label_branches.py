@@ -63,3 +63,21 @@ def test_each_prompt_runs_through_the_model_once_however_many_answers(tiny):
             assert fed[2] == (4 * len(branches.branches), branches.width)
     finally:
         hook.remove()
+
+
+def test_one_token_answers_are_scored_from_fp32_logits_when_the_model_runs_in_bf16(tiny_model_dir):
+    """bf16 logits are rounded to 8 bits of mantissa (to a multiple of 1/8 between 16 and 32), so labels tied exactly
+    and the first in the list won; the few label rows of the head run in fp32 instead."""
+    tokenizer, model = load_base_model(str(tiny_model_dir), compose_config(["model=tiny"]).model)
+    model = model.to(torch.bfloat16).eval()
+    answers = [" neutral", " negative", " the"]
+    answer_ids = [tokenizer(a, add_special_tokens=False).input_ids for a in answers]
+    assert all(len(ids) == 1 for ids in answer_ids)
+    prompts = [FORMAT.prompt(t) for t in TEXTS]
+    scores = label_log_likelihoods(model, tokenizer, prompts, answers, batch_size=1, reuse_prefix=False)
+    rows = model.get_output_embeddings().weight[[ids[0] for ids in answer_ids]].float()
+    with torch.no_grad():
+        for i, prompt in enumerate(prompts):
+            hidden = model.get_decoder()(input_ids=torch.tensor([tokenizer(prompt).input_ids])).last_hidden_state
+            expected = torch.log_softmax(hidden[0, -1].float() @ rows.T, -1)
+            assert torch.allclose(scores[i], expected, atol=1e-6, rtol=0), (i, scores[i], expected)

@@ -60,21 +60,30 @@ def output_head(model, head: torch.nn.Module):
 
 
 def vocabulary_subset(model, token_ids: list[int]):
-    """Inside the block the model's LM head has only token_ids' rows: logits come out [..., len(token_ids)].
+    """Inside the block the model's LM head has only token_ids' rows: logits come out [..., len(token_ids)], in fp32.
 
     Label scoring with single-token labels needs nothing else: the softmax over the labels is the same with or
     without the other rows (the full vocabulary's normaliser is a per-row constant that cancels), and the head shrinks
     from 262,144 rows (a 335 MB bf16 read per batch for Gemma 3, memory-bound) to three. Anything the model does to
     logits afterwards (Gemma 2's soft-capping) still applies: only the head module is swapped.
+
+    The few rows run in fp32, which costs nothing at this size: a bf16 logit of 16 to 32 is rounded to a multiple of
+    1/8, so two labels' scores often tied exactly and the first label in the list won the tie.
     """
-    head = model.get_output_embeddings()
-    subset = torch.nn.Linear(head.in_features, len(token_ids), bias=head.bias is not None,
-                             dtype=head.weight.dtype, device=head.weight.device)
-    rows = torch.tensor(token_ids, device=head.weight.device)
-    subset.weight = torch.nn.Parameter(head.weight.detach()[rows].clone(), requires_grad=False)
-    if head.bias is not None:
-        subset.bias = torch.nn.Parameter(head.bias.detach()[rows].clone(), requires_grad=False)
-    return output_head(model, subset)
+    return output_head(model, LabelHead(model.get_output_embeddings(), token_ids))
+
+
+class LabelHead(torch.nn.Module):
+    """An LM head's rows for a few tokens, applied in fp32 to the hidden states whatever their dtype."""
+
+    def __init__(self, head: torch.nn.Module, token_ids: list[int]):
+        super().__init__()
+        rows = torch.tensor(token_ids, device=head.weight.device)
+        self.register_buffer("weight", head.weight.detach()[rows].float())
+        self.register_buffer("bias", None if getattr(head, "bias", None) is None else head.bias.detach()[rows].float())
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden.float(), self.weight, self.bias)
 
 
 def token_log_probs(model, hidden: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
