@@ -15,7 +15,7 @@ What it buys and costs (Gemma 3 270M, Financial PhraseBank, 2-core AVX-512 VNNI 
 other candidates: benchmarks/int8_candidates.py): label scoring ~1.16-1.27x the bf16 rate, not the kernel's ~2x,
 because the per-token quantise and dequantise passes run as separate eager ops; labels agree with bf16 on 98.0% of
 900 test sentences for a tuned model and 96.0% for the untuned base, short of 99.5%. Even int8 weights alone
-(activations left in bf16) reach only 99.2% there, so that is a ceiling for per-channel int8 on this model.
+(activations left in bf16) reach only 99.2-99.4% there: the rows that flip are near ties (benchmarks/README.md).
 """
 
 import weakref
