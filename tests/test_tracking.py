@@ -128,3 +128,30 @@ def test_wandb_with_a_key_but_no_server_falls_back_to_offline(tmp_path, cache_di
     assert len(list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))) == 1
     assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"
     assert [p for p in tmp_path.rglob("*") if p.is_file() and key.encode() in p.read_bytes()] == []
+
+
+def test_a_run_continued_in_its_folder_continues_its_wandb_run(tmp_path, cache_dir):
+    """A resumed run (here: a longer budget in the same folder) logs to the W&B run it started, not to a second one."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") and k != "HYDRA_FULL_ERROR"}
+    env.update(LLMTUNE_CACHE=str(cache_dir), HF_HUB_OFFLINE="1", WANDB_MODE="offline")
+    run_dir = tmp_path / "run"
+    for epochs in (1, 2):
+        result = subprocess.run(
+            [sys.executable, "-m", "llmtune", *SMALL, f"trainer.max_epochs={epochs}", "logger=wandb",
+             f"hydra.run.dir={run_dir}"], check=False, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+    run_id = (run_dir / "wandb" / "run_id").read_text().strip()
+    attempts = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
+    assert len(attempts) == 2 and all(name.endswith(f"-{run_id}") for name in attempts), (run_id, attempts)
+    assert f"offline-run-*-{run_id}` (its 2 attempts, in order)" in result.stderr
+    assert json.loads((run_dir / "metrics.json").read_text())["train"]["resumed_from_step"] > 0
+
+
+def test_under_a_wandb_agent_the_agent_names_the_run(tmp_path, monkeypatch):
+    from llmtune.tracking import run_id_of
+
+    monkeypatch.delenv("WANDB_RUN_ID", raising=False)
+    first = run_id_of(tmp_path)
+    assert first and run_id_of(tmp_path) == first == (tmp_path / "wandb" / "run_id").read_text().strip()
+    monkeypatch.setenv("WANDB_RUN_ID", "agent-given")
+    assert run_id_of(tmp_path / "other") is None and not (tmp_path / "other").exists()

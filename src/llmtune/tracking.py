@@ -5,10 +5,13 @@ import netrc
 import os
 import re
 import sys
+import uuid
 from pathlib import Path
 from urllib.parse import urlparse
 
 from omegaconf import DictConfig, OmegaConf
+
+from llmtune.files import write_atomic
 
 # Logged once at the end of a run (and kept under "logged" in metrics.json). Sweeps should optimise a val/ metric:
 # choosing hyper-parameters on the test split would make the test score an optimistic estimate.
@@ -97,15 +100,17 @@ def wandb_logger(name: str, group: str, project: str, save_dir: str, mode: str =
 
     mode=auto logs online when an API key is configured (WANDB_API_KEY or `wandb login`) and offline otherwise;
     an online start that fails (no network, bad key) falls back to offline with one notice. Offline runs stay in
-    <run dir>/wandb/ and upload later with `wandb sync <run dir>/wandb/offline-run-*`.
+    <run dir>/wandb/ and upload later with `wandb sync <run dir>/wandb/offline-run-*`. A run continued in its folder
+    continues its W&B run (run_id_of).
     """
     from lightning.pytorch.loggers import WandbLogger
 
     if mode == "auto":
         mode = os.environ.get("WANDB_MODE") or ("online" if _wandb_key_configured() else "offline")
+    run_id = run_id_of(Path(save_dir))
 
     def start(mode):
-        logger = WandbLogger(name=name, group=group, project=project, entity=entity, tags=list(tags or []),
+        logger = WandbLogger(name=name, group=group, project=project, entity=entity, tags=list(tags or []), id=run_id,
                              save_dir=save_dir, mode=mode, reinit="finish_previous",
                              settings=_wandb_settings(init_timeout))
         # Lightning always passes anonymous=None, which wandb >= 0.19 answers with a deprecation warning per run.
@@ -124,16 +129,39 @@ def wandb_logger(name: str, group: str, project: str, save_dir: str, mode: str =
         logger = start(mode)
         if mode == "offline":  # say where the run went: nothing was uploaded
             run_dir = Path(logger.experiment.dir).parent
-            print(f"llmtune: W&B logs offline to {run_dir}; upload it later with `wandb sync {run_dir}`",
-                  file=sys.stderr)
+            attempts = sorted(run_dir.parent.glob(f"offline-run-*-{run_id}")) if run_id else []
+            upload = (f"`wandb sync {run_dir.parent}/offline-run-*-{run_id}` (its {len(attempts)} attempts, in order)"
+                      if len(attempts) > 1 else f"`wandb sync {run_dir}`")
+            print(f"llmtune: W&B logs offline to {run_dir}; upload it later with {upload}", file=sys.stderr)
         return logger
     except Exception as error:  # wandb raises several types (CommError, UsageError, timeouts)
         if mode != "online":
             raise
         finish_wandb(exit_code=1)
+        import wandb
+
+        wandb.teardown()  # W&B's service process holds the failed start's run id until it is shut down
         print(f"llmtune: notice: W&B online start failed ({str(error).splitlines()[0][:160]}); logging offline "
               f"instead, upload later with `wandb sync`", file=sys.stderr)
         return start("offline")
+
+
+def run_id_of(run_dir: Path) -> str | None:
+    """The W&B run id of the run in run_dir, chosen at its first start and kept in <run dir>/wandb/run_id.
+
+    Continued in its folder (after a crash, or with a longer budget), the run logs to the same W&B run, which
+    Lightning's WandbLogger opens with resume="allow", instead of starting a second run with half the curves. Under
+    `wandb agent` the agent has already named the run (WANDB_RUN_ID): None leaves that to W&B.
+    """
+    if os.environ.get("WANDB_RUN_ID"):
+        return None
+    path = run_dir / "wandb" / "run_id"
+    if path.is_file():
+        return path.read_text(encoding="utf-8").strip()
+    run_id = uuid.uuid4().hex[:16]  # W&B takes any id of letters and digits; its own generator is internal
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, run_id + "\n")
+    return run_id
 
 
 def finish_wandb(exit_code: int = 0) -> None:
